@@ -1,0 +1,122 @@
+"""Windows over a packed token stream, and the sampler that orders and shards them.
+
+Sample ``i`` is the ``seq_len + 1`` tokens starting at ``i * seq_len``: consecutive windows share one
+token, so every token of the stream is a label exactly once. ``input_ids`` is the window without its
+last token and ``labels`` the window without its first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+IGNORE_INDEX = -100  # label value the loss ignores (packed pretraining has none; kept for the convention)
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping ``seq_len + 1`` windows over a token file written by :mod:`datamodules.packing`.
+
+    The memory map is opened lazily in each process, so the dataset pickles cheaply into DataLoader
+    workers (a pickled ``np.memmap`` would copy the whole array).
+    """
+
+    def __init__(self, path: str | Path, dtype: np.dtype | str, n_tokens: int, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"data.seq_len={seq_len} must be positive")
+        self.path = str(path)
+        self.dtype = np.dtype(dtype)
+        self.n_tokens = int(n_tokens)
+        self.seq_len = int(seq_len)
+        self._tokens: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return max(0, (self.n_tokens - 1) // self.seq_len)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+        return self._tokens
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range ({len(self)} windows)")
+        start = i * self.seq_len
+        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokens": None}
+
+
+class WindowSampler(DistributedSampler):
+    """Deterministic order of sample indices, sharded over ranks, resumable mid-epoch.
+
+    The epoch's order is a permutation seeded by ``(seed, epoch)`` (or ``0..n-1`` without ``shuffle``),
+    cut to a multiple of ``world_size`` so that every rank gets the same number of samples; rank ``r``
+    takes every ``world_size``-th index from ``r``. The ranks together walk the order front to back, so
+    the position — samples of the order consumed, over all ranks — is one number, and a run resumed from
+    it (even with another world size) continues exactly where it stopped.
+
+    It subclasses ``DistributedSampler`` only so that Lightning sees the dataloader as already sharded
+    and leaves it alone.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self.epoch = 0
+        self._yielded = 0  # by this rank, in the current iteration
+        self._start = 0  # position the current iteration started from
+        self._resume: tuple[int, int] | None = None  # (epoch, position) to start the next iteration from
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The epoch's order over all ranks (cut to a multiple of the world size)."""
+        usable = self.n - self.n % self.num_replicas
+        if not self.shuffle:
+            return torch.arange(usable)
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g)[:usable]
+
+    def __len__(self) -> int:
+        """Samples of this rank in a whole epoch (Lightning counts resumed batches itself)."""
+        return self.n // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def position(self) -> int:
+        """Samples of this epoch's order consumed so far, over all ranks."""
+        return self._start + self._yielded * self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        order = self.order(self.epoch)
+        start = min(start, len(order))
+        remaining = order[start:]
+        remaining = remaining[: len(remaining) - len(remaining) % self.num_replicas]
+        self._start, self._yielded = start, 0
+        for i in remaining[self.rank :: self.num_replicas].tolist():
+            self._yielded += 1
+            yield i
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``: the next iteration of ``state["epoch"]`` skips what was consumed."""
+        self.epoch = int(state["epoch"])
+        self._resume = (self.epoch, int(state["position"]))
+        self._start, self._yielded = int(state["position"]), 0

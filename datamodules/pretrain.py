@@ -1,0 +1,265 @@
+"""The pretraining DataModule: a cleaned, tokenized, packed corpus served as fixed-length windows.
+
+``prepare()`` does all the work (or loads it from the cache) and is safe to call more than once;
+``train.py`` calls it before building the model, whose vocabulary follows the tokenizer. Train windows
+are shuffled per epoch and sharded over ranks by :class:`~datamodules.dataset.WindowSampler`, whose
+position is saved in checkpoints through :meth:`PretrainDataModule.state_dict`; val windows are fixed
+and in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from datamodules.dataset import TokenWindows, WindowSampler
+from datamodules.packing import CorpusSettings, PackedCorpus, prepare_corpus
+from datamodules.sources import EMBEDDED_CORPUS, DataError
+from datamodules.tokenizer import special_ids
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (what Hydra passes) as plain lists and dicts."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _ResumableLoader(DataLoader):
+    """The train DataLoader, marked resumable for Lightning (it has ``state_dict``/``load_state_dict``).
+
+    The state is the DataModule's own (the sampler position): Lightning saves it twice, in the
+    DataModule's and in the fit loop's entry of a checkpoint, and restoring either gives the same result.
+    Without the mark Lightning warns, wrongly, that a mid-epoch resume is unreliable.
+    """
+
+    datamodule: PretrainDataModule | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.datamodule.state_dict() if self.datamodule is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.datamodule is not None:
+            self.datamodule.load_state_dict(state_dict)
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Causal-LM pretraining data: batches of ``{"input_ids", "labels"}``, both ``(batch_size, seq_len)``.
+
+    Args:
+        paths: files, directories or globs (``.txt``, ``.jsonl``, ``.json``, and ``.gz`` of each);
+            None for the embedded corpus (Jane Austen's novels).
+        text_field: the key holding the text in JSON records.
+        split_paragraphs: make every paragraph (runs of blank lines) its own document.
+        seq_len: tokens per sample.
+        batch_size: samples per batch, per device.
+        num_workers: DataLoader worker processes.
+        tokenizer: a ``tokenizer.json`` to use; None trains a byte-level BPE on the corpus.
+        vocab_size: size of the trained tokenizer's vocabulary.
+        tokenizer_sample_bytes: train the tokenizer on about this many bytes of text (None: all).
+        val_fraction: fraction of the documents held out for validation.
+        seed: seeds the train/val split and the order of the train windows.
+        cleaning: the cleaning rules (see :mod:`datamodules.cleaning`); None for the defaults.
+        cache_dir: where prepared corpora are cached.
+        pin_memory: pin batches in memory (only when CUDA is available).
+        global_batch_size: accepted for the trainer's use; ignored here.
+    """
+
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        text_field: str = "text",
+        split_paragraphs: bool = False,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        tokenizer: str | None = None,
+        vocab_size: int = 4096,
+        tokenizer_sample_bytes: int | None = None,
+        val_fraction: float = 0.05,
+        seed: int = 1234,
+        cleaning: list[dict] | None = None,
+        cache_dir: str = ".cache/data",
+        pin_memory: bool = True,
+        global_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        paths = _plain(paths)
+        if isinstance(paths, str):
+            paths = [paths]
+        if paths is not None and len(paths) == 0:
+            raise DataError("data.paths is empty: give files, directories or globs (or null for the embedded corpus)")
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if int(value) < 1:
+                raise DataError(f"data.{name}={value} must be positive")
+        if int(num_workers) < 0:
+            raise DataError(f"data.num_workers={num_workers} must be >= 0")
+        self.paths: list[str] | None = paths
+        self.text_field = text_field
+        self.split_paragraphs = bool(split_paragraphs)
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.tokenizer_path = None if tokenizer is None else str(tokenizer)
+        self.requested_vocab_size = int(vocab_size)
+        self.tokenizer_sample_bytes = None if tokenizer_sample_bytes is None else int(tokenizer_sample_bytes)
+        self.val_fraction = float(val_fraction)
+        self.seed = int(seed)
+        self.cleaning = _plain(cleaning)
+        self.cache_dir = str(cache_dir)
+        self.pin_memory = bool(pin_memory)
+        self.global_batch_size = global_batch_size
+        self.save_hyperparameters(logger=False)
+
+        self.corpus: PackedCorpus | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.vocab_size: int | None = None
+        self.bos_id = self.eos_id = self.pad_id = -1
+        self.report: dict[str, Any] = {}
+        self.train_dataset: TokenWindows | None = None
+        self.val_dataset: TokenWindows | None = None
+        self.train_sampler: WindowSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # preparation
+
+    def prepare(self) -> None:
+        """Clean, tokenize and pack the corpus, or load it from the cache. Idempotent."""
+        if self.corpus is not None:
+            return
+        settings = CorpusSettings(
+            paths=self.paths if self.paths is not None else [str(EMBEDDED_CORPUS)],
+            text_field=self.text_field,
+            split_paragraphs=self.split_paragraphs,
+            cleaning=self.cleaning,
+            tokenizer=self.tokenizer_path,
+            vocab_size=self.requested_vocab_size,
+            tokenizer_sample_bytes=self.tokenizer_sample_bytes,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+        )
+        corpus = prepare_corpus(settings, self.cache_dir)
+        window = self.seq_len + 1
+        if corpus.n_val < window:
+            raise DataError(
+                f"data.val_fraction={self.val_fraction} leaves {corpus.n_val} validation tokens, fewer than one "
+                f"window of data.seq_len+1={window}: raise data.val_fraction or lower data.seq_len"
+            )
+        if corpus.n_train < window:
+            raise DataError(
+                f"only {corpus.n_train} training tokens, fewer than one window of data.seq_len+1={window}: "
+                "add data or lower data.seq_len"
+            )
+        self.corpus = corpus
+        self.tokenizer = corpus.tokenizer
+        self.vocab_size = corpus.tokenizer.get_vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = special_ids(corpus.tokenizer, name=str(self.tokenizer_path))
+        self.report = corpus.report
+        self.train_dataset = TokenWindows(corpus.train_path, corpus.dtype, corpus.n_train, self.seq_len)
+        self.val_dataset = TokenWindows(corpus.val_path, corpus.dtype, corpus.n_val, self.seq_len)
+
+    def prepare_data(self) -> None:
+        self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def save_artifacts(self, run_dir: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``data_report.json`` into ``run_dir``."""
+        self.prepare()
+        assert self.corpus is not None
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.corpus.dir / "tokenizer.json", run_dir / "tokenizer.json")
+        with open(run_dir / "data_report.json", "w", encoding="utf-8") as f:
+            json.dump(self.report, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+    # ------------------------------------------------------------------------------------------------
+    # dataloaders
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _loader(self, dataset: TokenWindows, sampler: WindowSampler, train: bool) -> DataLoader:
+        if self.num_workers > 0:
+            # the tokenizer's threads were used in this process; workers only read the memory map
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        loader = (_ResumableLoader if train else DataLoader)(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=train,  # every train batch full; val keeps its last, partial batch
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+        if train:
+            loader.datamodule = self
+        return loader
+
+    def train_dataloader(self) -> DataLoader:
+        self.prepare()
+        assert self.train_dataset is not None
+        rank, world = self._rank_and_world()
+        self.train_sampler = WindowSampler(
+            self.train_dataset, shuffle=True, seed=self.seed, rank=rank, world_size=world
+        )
+        if len(self.train_sampler) < self.batch_size:
+            raise DataError(
+                f"{len(self.train_dataset)} train windows over {world} rank(s) are fewer than "
+                f"data.batch_size={self.batch_size}: lower data.batch_size or data.seq_len"
+            )
+        if self._pending_state is not None:
+            self.train_sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return self._loader(self.train_dataset, self.train_sampler, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.prepare()
+        assert self.val_dataset is not None
+        rank, world = self._rank_and_world()
+        sampler = WindowSampler(self.val_dataset, shuffle=False, rank=rank, world_size=world)
+        return self._loader(self.val_dataset, sampler, train=False)
+
+    # ------------------------------------------------------------------------------------------------
+    # resumable position (Lightning stores it in checkpoints)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The train sampler's epoch and position (samples of the epoch's order consumed, all ranks)."""
+        if self.train_sampler is None:
+            return dict(self._pending_state or {})
+        state = self.train_sampler.state_dict()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            # The sampler runs ahead of training (workers prefetch); count what the loop consumed instead.
+            # Lightning's counter includes batches before a resume, and restores the same count.
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["position"] = batches * self.batch_size * self.train_sampler.num_replicas
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.train_sampler is not None:
+            self.train_sampler.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)

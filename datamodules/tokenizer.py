@@ -1,0 +1,112 @@
+"""Tokenizers: train a byte-level BPE on the cleaned corpus, or load a ``tokenizer.json``.
+
+Byte-level means the base alphabet is the 256 bytes: every string, in any script, encodes without
+unknown tokens and decodes back to exactly the same string (no normaliser, no added prefix space).
+The special tokens come first, so a trained tokenizer always has ``<|bos|>`` = 0, ``<|eos|>`` = 1 and
+``<|pad|>`` = 2. Like Llama's tokenizers, a trained one adds BOS in front of what it encodes (its post-processor,
+which ``transformers.AutoTokenizer`` honours too); packing encodes without special tokens and adds BOS and EOS
+itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from datamodules.sources import DataError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD]
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+# Names other tokenizers use for the same roles, tried in order when loading one.
+_BOS_NAMES = (BOS, "<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
+_EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
+_PAD_NAMES = (PAD, "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE tokenizer."""
+    tok = Tokenizer(models.BPE())
+    # use_regex: split words, numbers and punctuation as GPT-2 does before merging
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _batches(docs: Iterable[str], sample_bytes: int | None, batch_size: int = 256) -> Iterator[list[str]]:
+    """Documents in lists (the trainer processes a list in parallel), stopping after ``sample_bytes``."""
+    batch: list[str] = []
+    seen = 0
+    for doc in docs:
+        if sample_bytes is not None:
+            if seen >= sample_bytes:
+                break
+            seen += len(doc.encode("utf-8"))
+        batch.append(doc)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int, sample_bytes: int | None = None) -> Tokenizer:
+    """Train byte-level BPE with ``vocab_size`` tokens (special tokens included) on ``docs``.
+
+    ``sample_bytes`` stops reading after that many UTF-8 bytes (the caller decides which documents come
+    first). On a small corpus the vocabulary may end up smaller than asked: merges run out.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"data.vocab_size={vocab_size} is too small for byte-level BPE (minimum {MIN_VOCAB_SIZE})")
+    if sample_bytes is not None and sample_bytes <= 0:
+        raise DataError(f"data.tokenizer_sample_bytes={sample_bytes} must be positive (or null for all)")
+    tok = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_batches(docs, sample_bytes), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json``; a missing or invalid file is a :class:`DataError` naming the path."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"data.tokenizer={path}: no such file")
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as e:  # the Rust side raises a plain Exception
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"data.tokenizer={path}: not a valid tokenizer.json ({reason})") from None
+    special_ids(tok, name=str(path))  # fail now if it has no end-of-sequence token
+    return tok
+
+
+def _first_id(tok: Tokenizer, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+def special_ids(tok: Tokenizer, name: str = "tokenizer") -> tuple[int, int, int]:
+    """``(bos_id, eos_id, pad_id)``. A tokenizer without BOS or PAD uses EOS for them; without EOS: error."""
+    eos = _first_id(tok, _EOS_NAMES)
+    if eos is None:
+        raise DataError(f"data.tokenizer={name}: no end-of-sequence token (looked for {', '.join(_EOS_NAMES)})")
+    bos = _first_id(tok, _BOS_NAMES)
+    pad = _first_id(tok, _PAD_NAMES)
+    return (eos if bos is None else bos), eos, (eos if pad is None else pad)

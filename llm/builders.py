@@ -1,0 +1,79 @@
+"""Turning composed config nodes into the objects ``train.py`` wires together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from llm.errors import UserError
+
+
+def build(node: DictConfig, group: str, **kwargs: Any) -> Any:
+    """``instantiate(node)``, with a wrong value reported on one line naming the group (``model: ...``).
+
+    Hydra wraps what the target raised in an InstantiationException; a ValueError or TypeError from our
+    own constructors is a user's value at fault, so it becomes a UserError; anything else is a bug and
+    keeps its traceback.
+    """
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            raise UserError(f"{group}: {_last_line(cause)}") from err
+        raise
+
+
+def build_all(nodes: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a dict-of-objects group (callbacks, logger).
+
+    An entry set to null is dropped, so `callbacks.samples=null` removes one callback; a periodic
+    checkpoint whose interval is null is dropped too, as it would otherwise save at every validation.
+    """
+    objects = []
+    for name, node in (nodes or {}).items():
+        if node is None:
+            continue
+        if "every_n_train_steps" in node and node.every_n_train_steps is None:
+            continue
+        try:
+            objects.append(instantiate(node, _convert_="all"))
+        except Exception as err:  # Hydra wraps a bad keyword in InstantiationException: name the entry
+            raise UserError(f"could not build `{name}` ({node.get('_target_')}): {_last_line(err)}") from err
+    return objects
+
+
+def _last_line(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
+    """``last`` means <run_dir>/checkpoints/last.ckpt; when there is none yet the run starts fresh."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            print(f"ckpt_path=last: no checkpoint at {last} yet, starting fresh")
+            return None
+        return str(last)
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    return ckpt_path
+
+
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best checkpoint by the monitored metric, or None when nothing was saved."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss" and cb.best_model_path:
+            return cb.best_model_path
+    return None

@@ -1,0 +1,255 @@
+"""Text generation with a KV cache.
+
+    python -m llm.generate ckpt_path=CKPT prompt="..." [max_new_tokens=64 temperature=0 top_k=null top_p=null seed=0]
+
+`prompt=[a,b,c]` generates for a batch of prompts (printed in order, separated by `---` lines). The prompts are run once through the model (prefill),
+filling the cache; then each step feeds one token per row, which attends to the cache. `temperature=0` is
+greedy; otherwise the logits are divided by the temperature, cut to the `top_k` most likely tokens and to the
+smallest set whose probability reaches `top_p`, and sampled with a generator seeded by `seed` (the same seed
+gives the same text). A row stops at an end-of-sequence token or after `max_new_tokens`.
+
+A batch is left-padded, so that every row's next token is in the last column; padding is masked out of
+attention and each row's rotary positions start at 0 at its first real token, so a row's tokens do not depend
+on the other rows.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm.errors import UserError
+from llm.model import Transformer
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from last-position logits (B, V).
+
+    temperature <= 0: argmax. Otherwise softmax(logits / temperature) restricted to the top_k tokens (None or 0:
+    all) and to the nucleus: the most likely tokens whose cumulative probability first reaches top_p (None or
+    1: all; the most likely token always stays, so a tiny top_p is greedy).
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    """Reject settings that would silently do something else than asked, naming the argument."""
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"top_k={top_k} must be >= 1 (or null / 0 for no cut)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p={top_p} must be in (0, 1] (or null for no cut)")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    pad_id: int = 0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (prompt excluded), each list ending before its first EOS (excluded).
+
+    Prompts longer than the context left for generation keep their last tokens: a row uses at most
+    model.cfg.max_seq_len positions, prompt and new tokens together.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no empty prompt (give it a BOS token)")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    max_len = model.cfg.max_seq_len
+    max_new_tokens = min(max_new_tokens, max_len - 1)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    keep = max_len - max_new_tokens
+    prompts = [list(p)[-keep:] for p in prompts]
+    was_training = model.training
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+
+    tokens = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((B, T0), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):  # left padding: each row's last prompt token is in column T0 - 1
+        tokens[i, T0 - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        valid[i, T0 - len(p) :] = True
+    # Without padding, rotary positions are the cache slots (the model's default) and the mask is plainly causal.
+    padded = not bool(valid.all())
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T0): 0 at each row's first token
+    eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+
+    def next_logits(x: torch.Tensor) -> torch.Tensor:  # x (B, T) -> (B, V) logits of the last position only
+        h = model.hidden(x, input_pos=pos, mask=valid if padded else None, kv_cache=cache)  # (B, T, C)
+        return model.output(h[:, -1])
+
+    try:
+        cache = model.new_kv_cache(B, T0 + max_new_tokens)
+        logits = next_logits(tokens)  # prefill
+        out = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for n in range(1, max_new_tokens + 1):
+            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            nxt = nxt.masked_fill(done, pad_id)  # finished rows only produce padding
+            out[:, n - 1] = nxt
+            done |= torch.isin(nxt, eos)
+            if n == max_new_tokens or bool(done.all()):
+                break
+            if padded:
+                pos = pos[:, -1:] + 1  # (B, 1)
+                valid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # (B, cache.length + 1)
+            logits = next_logits(nxt[:, None])  # one token per row
+    finally:
+        model.train(was_training)
+
+    results = []
+    for row in out[:, :n].tolist():
+        stop = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+        results.append(row[:stop])
+    return results
+
+
+def load_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[Transformer, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizers.Tokenizer or None, special token ids) from a training or converted checkpoint.
+
+    The tokenizer is the checkpoint's own, else the run directory's `tokenizer.json` next to `checkpoints/`.
+
+    The model is built on the meta device and materialised empty, so the checkpoint's weights are the only
+    initialisation (no random init of a large model just to overwrite it).
+    """
+    from tokenizers import Tokenizer
+
+    from llm.convert import load_checkpoint, model_config_of, model_state, special_ids
+
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = model_config_of(ckpt, ckpt_path)
+    state = model_state(ckpt, cfg, ckpt_path)  # names and shapes checked
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"device={device!r}: {err}") from err
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)  # re-ties a tied head (Transformer._apply)
+    model.rope.reset_parameters()  # the rotary tables are computed, not loaded
+    model.load_state_dict(state, strict=not cfg.tie_embeddings)  # a tied checkpoint may lack output.weight
+    tokenizer_json = ckpt.get("tokenizer")
+    if tokenizer_json is None:
+        candidate = Path(ckpt_path).resolve().parent.parent / "tokenizer.json"  # <run_dir>/checkpoints/x.ckpt
+        if candidate.is_file():
+            tokenizer_json = candidate.read_text(encoding="utf-8")
+            ckpt = {**ckpt, "tokenizer": tokenizer_json}
+    tokenizer = None if tokenizer_json is None else Tokenizer.from_str(tokenizer_json)
+    return model.eval(), tokenizer, special_ids(ckpt)
+
+
+DEFAULTS: dict[str, Any] = {
+    "ckpt_path": None,
+    "prompt": "",
+    "max_new_tokens": 64,
+    "temperature": 0.0,
+    "top_k": None,
+    "top_p": None,
+    "seed": 0,
+    "device": "cpu",
+}
+
+
+def _parse(argv: list[str]) -> Any:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise UserError(f"arguments are key=value, got {bad[0]!r} (known keys: {', '.join(DEFAULTS)})")
+    try:
+        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
+    except OmegaConfBaseException as err:
+        raise UserError(f"could not parse the arguments: {str(err).splitlines()[0]}") from err
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown argument(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
+    if not args.ckpt_path:
+        raise UserError("ckpt_path=CKPT is required")
+    for key, kind in [("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)]:
+        value = args[key]
+        if value is not None:
+            try:
+                args[key] = kind(value)
+            except (TypeError, ValueError) as err:
+                raise UserError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from err
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(argv)
+        model, tokenizer, ids = load_for_inference(args.ckpt_path, args.device)
+        if tokenizer is None:
+            raise UserError(f"{args.ckpt_path}: no tokenizer in the checkpoint nor in its run directory")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    prompts = [str(p) for p in args.prompt] if not isinstance(args.prompt, (str, int, float)) else [str(args.prompt)]
+    start_token = next((ids[r] for r in ("bos", "eos") if ids.get(r) is not None), 0)
+    encoded = [tokenizer.encode(p).ids or [start_token] for p in prompts]  # an empty prompt starts from BOS
+    start = time.perf_counter()
+    new = generate(
+        model,
+        encoded,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=ids["eos_ids"],
+        pad_id=ids["pad"] if ids.get("pad") is not None else 0,
+        seed=args.seed,
+    )
+    seconds = time.perf_counter() - start
+    print("\n---\n".join(prompt + tokenizer.decode(tokens) for prompt, tokens in zip(prompts, new)))
+    n = sum(len(t) for t in new)
+    print(f"[{n} tokens in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

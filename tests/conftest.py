@@ -1,0 +1,64 @@
+"""Shared fixtures: compose the real config from conf/ with CPU-sized overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from llm import schema
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CORPORA = ROOT.parent / "shared" / "corpora"
+
+# A run that takes seconds: tiny model, short sequences, a handful of steps.
+TINY = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=128",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.vocab_size=512",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+    "sched.warmup_steps=2",
+    "callbacks.progress_bar=null",
+    "callbacks.samples.max_new_tokens=4",
+]
+
+
+def compose_config(overrides: list[str], run_dir: Path | None = None, cache_dir: Path | None = None) -> DictConfig:
+    """The config `python train.py *overrides` would get, with run_dir (and the data cache) set."""
+    schema.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        if run_dir is not None:
+            cfg.run_dir = str(run_dir)
+        if cache_dir is not None and "cache_dir" in cfg.data:
+            cfg.data.cache_dir = str(cache_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One data cache for the session: the embedded corpus is prepared once, then reused."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, data_cache):
+    def make(*extra: str) -> DictConfig:
+        return compose_config([*TINY, *extra], run_dir=tmp_path / "run", cache_dir=data_cache)
+
+    return make

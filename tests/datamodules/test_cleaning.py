@@ -1,0 +1,128 @@
+"""Cleaning rules, one test each, and the Cleaner's counts and report."""
+
+from __future__ import annotations
+
+import pytest
+
+from datamodules.cleaning import (
+    DEFAULT_RULES,
+    EXAMPLE_CHARS,
+    RULE_NAMES,
+    Cleaner,
+    Dedup,
+    control_chars,
+    letter_ratio,
+    max_chars,
+    min_chars,
+    nfc,
+    repeated_lines,
+    whitespace,
+)
+from datamodules.sources import DataError
+
+PROSE = "It is a truth universally acknowledged, that a single man in possession of a good fortune."
+
+
+def test_nfc_composes_and_form_is_configurable():
+    decomposed = "Cafe\u0301 \ufb01"  # e + combining acute; the "fi" ligature
+    assert nfc(decomposed) == "Caf\u00e9 \ufb01"
+    assert nfc(decomposed, form="NFKC") == "Caf\u00e9 fi"
+    assert nfc("Caf\u00e9", form="NFD") == "Cafe\u0301"
+    assert nfc(PROSE) is PROSE  # already normalised: untouched
+
+
+def test_control_chars_removes_invisibles_keeps_layout():
+    text = "a\x00b\x07c\u200bd\u00ade\ufefff\x85g\th\ni\r\nj\u200dk"
+    assert control_chars(text) == "abcdefg\th\ni\r\nj\u200dk"  # ZWJ kept (emoji, Indic scripts)
+
+
+def test_whitespace_line_endings_trailing_spaces_blank_runs():
+    text = "  \n\nTitle  \r\nline\t \r\rold mac\n\n\n\n\nafter\n \n \n end \n\n"
+    assert whitespace(text) == "Title\nline\n\nold mac\n\nafter\n\n end"
+    assert whitespace("a\n\nb") == "a\n\nb"
+
+
+def test_min_chars():
+    assert min_chars("x" * 32, value=32)
+    assert not min_chars("x" * 31, value=32)
+
+
+def test_max_chars():
+    assert max_chars("x" * 10, value=10)
+    assert not max_chars("x" * 11, value=10)
+
+
+def test_repeated_lines():
+    boiler = "\n".join(["Home | About | Contact"] * 5 + ["Some actual content here"])
+    assert not repeated_lines(boiler, max_ratio=0.3)
+    assert repeated_lines("one\ntwo\nthree\nfour\none", max_ratio=0.3)  # 1 of 5 repeats
+    assert repeated_lines("same\nsame", max_ratio=0.3)  # too short to judge
+
+
+def test_letter_ratio_any_script():
+    assert letter_ratio(PROSE, min_ratio=0.5)
+    assert letter_ratio("滚滚长江东逝水，浪花淘尽英雄。", min_ratio=0.5)
+    assert not letter_ratio("| 12.5 | 33.1 | -- | 0x4F |", min_ratio=0.5)
+    assert not letter_ratio("   \n ", min_ratio=0.5)
+
+
+def test_dedup_exact_content():
+    d = Dedup()
+    assert d("a doc") and d("another") and not d("a doc") and d("a doc ")
+
+
+def test_cleaner_counts_and_report():
+    docs = [PROSE, "short", PROSE, "  " + PROSE + "  \r\n", "=" * 40]
+    cleaner = Cleaner(
+        [
+            {"name": "whitespace"},
+            {"name": "min_chars", "value": 10},
+            {"name": "letter_ratio", "min_ratio": 0.5},
+            {"name": "dedup"},
+        ]
+    )
+    kept = list(cleaner(docs))
+    assert kept == [PROSE]
+    rep = cleaner.report()
+    assert rep["documents"] == {"read": 5, "kept": 1, "dropped": 4}
+    assert rep["characters"] == {"read": sum(map(len, docs)), "kept": len(PROSE)}
+    assert rep["rules"]["whitespace"] == {"dropped": 0, "changed": 1, "examples": []}
+    assert rep["rules"]["min_chars"] == {"dropped": 1, "changed": 0, "examples": ["short"]}
+    assert rep["rules"]["letter_ratio"]["dropped"] == 1
+    assert rep["rules"]["dedup"] == {"dropped": 2, "changed": 0, "examples": [PROSE, PROSE]}  # after whitespace
+
+
+def test_cleaner_examples_capped_and_truncated():
+    cleaner = Cleaner([{"name": "max_chars", "value": 5}])
+    list(cleaner(["y" * 1000] * 8))
+    ex = cleaner.report()["rules"]["max_chars"]["examples"]
+    assert len(ex) == 5 and all(len(e) == EXAMPLE_CHARS + 3 and e.endswith("...") for e in ex)
+    assert cleaner.report()["rules"]["max_chars"]["dropped"] == 8
+
+
+def test_rule_order_matters():
+    text = "x" * 8 + " " * 8
+    assert Cleaner([{"name": "min_chars", "value": 10}, "whitespace"]).clean(text) == "x" * 8
+    assert Cleaner(["whitespace", {"name": "min_chars", "value": 10}]).clean(text) is None
+
+
+def test_defaults_and_names():
+    assert Cleaner(None).config == DEFAULT_RULES
+    assert [r["name"] for r in DEFAULT_RULES] == list(RULE_NAMES)  # every rule is on by default
+    assert Cleaner([]).clean(" raw ") == " raw "
+
+
+@pytest.mark.parametrize(
+    "rules, match",
+    [
+        ([{"name": "nope"}], r"data\.cleaning\[0\]: unknown cleaning rule 'nope'"),
+        ([{"name": "min_chars", "min": 3}], r"rule 'min_chars' has no parameter 'min' \(accepted: value\)"),
+        ([{"name": "dedup", "x": 1}], r"rule 'dedup' has no parameter 'x'"),
+        ([{"name": "nfc", "form": "XYZ"}], r"nfc form"),
+        (["nfc", "nfc"], r"data\.cleaning\[1\]: rule 'nfc' is listed twice"),
+        ([{"value": 3}], r"data\.cleaning\[0\]: expected a mapping with a 'name' key"),
+    ],
+)
+def test_config_errors_name_the_rule(rules, match):
+    with pytest.raises(DataError, match=match):
+        Cleaner(rules)

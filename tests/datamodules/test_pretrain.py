@@ -1,0 +1,314 @@
+"""The pretraining DataModule: batches, artefacts, the sampler (determinism, resume, DDP shards), errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+
+from datamodules.cleaning import DEFAULT_RULES, Cleaner
+from datamodules.dataset import TokenWindows, WindowSampler
+from datamodules.pretrain import PretrainDataModule
+from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
+
+SMALL = {"seq_len": 32, "batch_size": 4, "vocab_size": 512}
+CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def corpus_dm(cache) -> PretrainDataModule:
+    """The embedded corpus as conf/data/corpus.yaml sets it up (paragraph documents), small vocab."""
+    dm = PretrainDataModule(split_paragraphs=True, cache_dir=str(cache), **SMALL)
+    dm.prepare()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def small_src(tmp_path_factory) -> Path:
+    """~300 paragraphs of Emma as a .txt file: quick to prepare."""
+    paras = [p for _, p in zip(range(300), read_file(EMBEDDED_CORPUS, split_paragraphs=True))]
+    path = tmp_path_factory.mktemp("src") / "emma.txt"
+    path.write_text("\n".join(paras), encoding="utf-8")
+    return path
+
+
+def small_dm(src: Path, cache: Path, **kw) -> PretrainDataModule:
+    args = {"paths": [str(src)], "split_paragraphs": True, "cache_dir": str(cache), "val_fraction": 0.1, **SMALL}
+    return PretrainDataModule(**{**args, **kw})
+
+
+def test_embedded_corpus_batches(corpus_dm):
+    dm = corpus_dm
+    assert dm.vocab_size == dm.tokenizer.get_vocab_size() == 512
+    assert (dm.bos_id, dm.eos_id, dm.pad_id) == (0, 1, 2)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels"}
+    for t in batch.values():
+        assert t.shape == (4, 32) and t.dtype == torch.long
+    assert (batch["input_ids"][:, 1:] == batch["labels"][:, :-1]).all()
+    assert int(batch["input_ids"].max()) < dm.vocab_size
+    rep = dm.report
+    assert rep["documents"]["read"] > 10_000 and rep["documents"]["kept"] > 9_000
+    assert rep["tokens"]["train"] > 900_000 and rep["tokens"]["val"] > 40_000
+    assert {
+        "sources",
+        "characters",
+        "rules",
+        "invalid_utf8_replacements",
+        "skipped_files",
+        "tokenizer",
+        "cache",
+        "seconds",
+    } <= set(rep)
+
+
+def test_windows_cover_the_stream(tmp_path):
+    path = tmp_path / "t.bin"
+    np.arange(11, dtype=np.uint16).tofile(path)
+    ds = TokenWindows(path, "uint16", 11, seq_len=3)
+    assert len(ds) == 3  # windows of 4 tokens starting at 0, 3, 6 (the last would need token 12)
+    assert ds[1]["input_ids"].tolist() == [3, 4, 5] and ds[1]["labels"].tolist() == [4, 5, 6]
+    labels = torch.cat([ds[i]["labels"] for i in range(len(ds))]).tolist()
+    assert labels == list(range(1, 10))  # every token a label once
+
+
+def test_warm_prepare_is_fast_and_a_hit(corpus_dm, cache):
+    t0 = time.perf_counter()
+    dm = PretrainDataModule(split_paragraphs=True, cache_dir=str(cache), **SMALL)
+    dm.prepare()
+    dm.prepare()  # idempotent
+    assert time.perf_counter() - t0 < 1.0
+    assert dm.report["cache"]["hit"] is True and dm.report["tokens"] == corpus_dm.report["tokens"]
+
+
+def test_seq_len_is_not_part_of_the_cache(corpus_dm, cache):
+    dm = PretrainDataModule(split_paragraphs=True, cache_dir=str(cache), **{**SMALL, "seq_len": 64})
+    dm.prepare()
+    assert dm.report["cache"]["hit"] is True
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape == (4, 64)
+
+
+def test_save_artifacts(corpus_dm, tmp_path):
+    corpus_dm.save_artifacts(tmp_path / "run")
+    tok = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
+    assert tok.get_vocab_size() == corpus_dm.vocab_size
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["tokens"] == corpus_dm.report["tokens"]
+
+
+def test_val_is_fixed_and_in_order(corpus_dm):
+    a = [b["input_ids"] for b in corpus_dm.val_dataloader()]
+    b = [b["input_ids"] for b in corpus_dm.val_dataloader()]
+    assert all((x == y).all() for x, y in zip(a, b))
+    ds = corpus_dm.val_dataset
+    assert (a[0][1] == ds[1]["input_ids"]).all()
+    assert sum(len(x) for x in a) == len(ds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampler
+
+
+class _Len(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def test_sampler_deterministic_per_seed_and_epoch():
+    ds = _Len(100)
+    a = list(WindowSampler(ds, seed=1))
+    assert a == list(WindowSampler(ds, seed=1)) and sorted(a) == list(range(100)) and a != list(range(100))
+    assert a != list(WindowSampler(ds, seed=2))
+    s = WindowSampler(ds, seed=1)
+    s.set_epoch(1)
+    assert list(s) != a and sorted(s) == list(range(100))
+    assert list(WindowSampler(ds, shuffle=False)) == list(range(100))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_resume_from_state_dict(world):
+    ds = _Len(101)
+    full = [list(WindowSampler(ds, seed=5, rank=r, world_size=world)) for r in range(world)]
+    samplers = [WindowSampler(ds, seed=5, rank=r, world_size=world) for r in range(world)]
+    its = [iter(s) for s in samplers]
+    head = [[next(it) for _ in range(7)] for it in its]
+    states = [s.state_dict() for s in samplers]
+    assert all(st == {"seed": 5, "epoch": 0, "position": 7 * world} for st in states)
+    for r in range(world):
+        resumed = WindowSampler(ds, seed=5, rank=r, world_size=world)
+        resumed.load_state_dict(states[r])
+        resumed.set_epoch(0)  # what Lightning does at the start of the resumed epoch
+        rest = list(resumed)
+        assert head[r] + rest == full[r]
+        assert len(resumed) == len(full[r])  # the epoch's length stays whole
+        assert list(resumed) == full[r]  # the next iteration starts from the beginning again
+
+
+def test_resume_with_another_world_size_continues_the_order():
+    ds = _Len(60)
+    one = WindowSampler(ds, seed=3)
+    order = list(one)
+    it = iter(WindowSampler(ds, seed=3))
+    _ = [next(it) for _ in range(10)]
+    state = {"seed": 3, "epoch": 0, "position": 10}
+    rest = []
+    for r in range(2):
+        s = WindowSampler(ds, seed=3, rank=r, world_size=2)
+        s.load_state_dict(state)
+        rest.append(list(s))
+    assert sorted(rest[0] + rest[1]) == sorted(order[10:])
+
+
+@pytest.mark.parametrize("n, world", [(100, 2), (101, 2), (50, 4)])
+def test_ddp_shards_are_disjoint_and_cover(n, world):
+    ds = _Len(n)
+    for shuffle in (True, False):
+        shards = [list(WindowSampler(ds, shuffle=shuffle, seed=9, rank=r, world_size=world)) for r in range(world)]
+        assert all(len(s) == n // world for s in shards)  # equal lengths: no rank waits at the end
+        flat = [i for s in shards for i in s]
+        assert len(set(flat)) == len(flat) == n - n % world
+        order = WindowSampler(ds, shuffle=shuffle, seed=9).order(0)
+        assert set(flat) == set(order[: n - n % world].tolist())
+
+
+def test_datamodule_shards_by_trainer_rank_and_world(corpus_dm, monkeypatch):
+    class FakeTrainer:
+        def __init__(self, rank: int) -> None:
+            self.global_rank, self.world_size = rank, 2
+
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(corpus_dm, "trainer", FakeTrainer(rank))
+        seen.append(list(corpus_dm.train_dataloader().sampler))
+    monkeypatch.undo()
+    assert corpus_dm.trainer is None
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == len(corpus_dm.train_dataset) // 2
+
+
+def test_datamodule_state_dict_resumes_batches(small_src, tmp_path):
+    dm = small_dm(small_src, tmp_path)
+    dm.prepare()
+    reference = [b["input_ids"] for b in dm.train_dataloader()]
+    it = iter(dm.train_dataloader())
+    for _ in range(3):
+        next(it)
+    state = dm.state_dict()
+    assert state["position"] == 3 * 4 and state["epoch"] == 0
+
+    dm2 = small_dm(small_src, tmp_path)
+    dm2.load_state_dict(state)  # Lightning restores before asking for the dataloader
+    dm2.prepare()
+    rest = [b["input_ids"] for b in dm2.train_dataloader()]
+    assert len(rest) == len(reference) - 3
+    assert all((a == b).all() for a, b in zip(rest, reference[3:]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lightning: the position saved in a mid-epoch checkpoint resumes the exact batches
+
+
+class _Recorder(L.LightningModule):
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab_size, 8)
+        self.head = torch.nn.Linear(8, vocab_size)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["input_ids"][:, 0].tolist())
+        logits = self.head(self.emb(batch["input_ids"]))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit(dm: PretrainDataModule, root: Path, max_steps: int, ckpt_path: str | None = None) -> _Recorder:
+    dm.prepare()
+    model = _Recorder(dm.vocab_size)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt],
+        default_root_dir=root,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_lightning_resume_mid_epoch(small_src, tmp_path, recwarn):
+    ref = _fit(small_dm(small_src, tmp_path / "cache"), tmp_path / "a", max_steps=10)
+    assert len(ref.seen) == 10
+    saved = torch.load(tmp_path / "a" / "step=4.ckpt", weights_only=False)
+    assert saved["PretrainDataModule"] == {"seed": 1234, "epoch": 0, "position": 16}
+    resumed = _fit(small_dm(small_src, tmp_path / "cache"), tmp_path / "b", 10, str(tmp_path / "a" / "step=4.ckpt"))
+    assert resumed.seen == ref.seen[4:]
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["corpus", "text"])
+def test_data_configs_name_every_argument_and_valid_rules(name):
+    cfg = OmegaConf.load(CONF_DATA / f"{name}.yaml")
+    assert cfg._target_ == "datamodules.pretrain.PretrainDataModule"
+    params = set(inspect.signature(PretrainDataModule.__init__).parameters) - {"self"}
+    assert set(cfg) - {"defaults", "_target_"} == params
+    assert cfg.cache_dir == ".cache/data" and OmegaConf.to_container(cfg)["seed"] == "${seed}"
+    rules = OmegaConf.to_container(cfg.cleaning)
+    assert [r["name"] for r in rules] == [r["name"] for r in DEFAULT_RULES]
+    Cleaner(rules)  # every rule and parameter exists
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_val_smaller_than_a_window(small_src, tmp_path):
+    dm = small_dm(small_src, tmp_path, val_fraction=0.004, seq_len=512)  # one paragraph of val
+    with pytest.raises(ValueError, match=r"data\.val_fraction=0\.004 leaves \d+ validation tokens") as e:
+        dm.prepare()
+    assert "\n" not in str(e.value)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        PretrainDataModule(paths=[str(tmp_path / "nope.jsonl")], cache_dir=str(tmp_path)).prepare()
+
+
+def test_wrong_text_field(small_src, tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"body": "x" * 100}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: no key data\.text_field='text'"):
+        PretrainDataModule(paths=[str(src)], cache_dir=str(tmp_path)).prepare()
+
+
+@pytest.mark.parametrize(
+    "kw, match", [({"paths": []}, "data.paths is empty"), ({"batch_size": 0}, "data.batch_size=0")]
+)
+def test_bad_arguments(kw, match):
+    with pytest.raises(DataError, match=match):
+        PretrainDataModule(**kw)

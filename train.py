@@ -1,0 +1,66 @@
+"""Train, finetune or evaluate a language model: `python train.py [group=option] [key=value ...]`.
+
+Composes conf/config.yaml with Hydra, then: seed, data, model, callbacks, loggers, Trainer, fit, and a
+final validation of the best checkpoint. Returns the validation loss, so Hydra sweepers can minimise it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from datamodules.sources import DataError
+from llm import plan, schema
+from llm.builders import best_checkpoint, build, build_all, resolve_ckpt_path
+from llm.errors import UserError
+from llm.module import CausalLM
+
+schema.register()
+
+
+def train(cfg: DictConfig) -> float:
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.plan.check:  # before any real work: refuse a run that cannot fit (python -m llm.plan shows the table)
+        plan.check(plan.plan_from_config(cfg))
+
+    datamodule = build(cfg.data, "data")
+    datamodule.prepare()  # before the model: its vocabulary follows the tokenizer
+    datamodule.save_artifacts(cfg.run_dir)
+
+    model_cfg = build(cfg.model, "model").with_vocab(datamodule.vocab_size)
+    if datamodule.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"data.seq_len={datamodule.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    module = CausalLM(model_cfg.to_dict(), optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.sched))
+    module.tokenizer_json = datamodule.tokenizer.to_str()
+
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=build_all(cfg.callbacks), logger=build_all(cfg.logger))
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
+    if ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))
+    return float(results[0]["val/loss"])
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except (UserError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except InstantiationException as err:  # a constructor refused a configured value
+        if not isinstance(err.__cause__, (ValueError, TypeError)):
+            raise
+        print(f"error: {err.__cause__}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
