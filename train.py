@@ -11,14 +11,12 @@ import sys
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from datamodules.sources import DataError
-from llm import plan, schema
+from llm import plan, schema, tasks
 from llm.builders import best_checkpoint, build, build_all, resolve_ckpt_path
 from llm.errors import UserError
-from llm.module import CausalLM
 
 schema.register()
 
@@ -32,11 +30,7 @@ def train(cfg: DictConfig) -> float:
     datamodule.prepare()  # before the model: its vocabulary follows the tokenizer
     datamodule.save_artifacts(cfg.run_dir)
 
-    model_cfg = build(cfg.model, "model").with_vocab(datamodule.vocab_size)
-    if datamodule.seq_len > model_cfg.max_seq_len:
-        raise UserError(f"data.seq_len={datamodule.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    module = CausalLM(model_cfg.to_dict(), optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.sched))
-    module.tokenizer_json = datamodule.tokenizer.to_str()
+    module = tasks.build_module(cfg, datamodule)
 
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=build_all(cfg.callbacks), logger=build_all(cfg.logger))
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
