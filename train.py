@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from datamodules.sources import DataError
 from llm import plan, schema, tasks
-from llm.builders import best_checkpoint, build, build_all, resolve_ckpt_path
+from llm.builders import best_checkpoint, build, build_all, resolve_ckpt_path, resolve_precision
 from llm.errors import UserError
 
 schema.register()
@@ -23,6 +23,7 @@ schema.register()
 
 def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
+    resolve_precision(cfg)  # before the planner, so that it and the Trainer see the same precision
     if cfg.plan.check:  # before any real work: refuse a run that cannot fit (python -m llm.plan shows the table)
         plan.check(plan.plan_from_config(cfg))
 

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from llm.errors import UserError
+from llm.hardware import fastest_precision
 
 
 def build(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -52,6 +53,12 @@ def _last_line(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
     return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+
+
+def resolve_precision(cfg: DictConfig) -> None:
+    """Replace ``trainer.precision=auto`` with the fastest precision for the hardware present."""
+    if cfg.trainer.get("precision") == "auto":
+        cfg.trainer.precision = fastest_precision(str(cfg.trainer.get("accelerator", "auto")))
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from llm.builders import build_all
+from llm.builders import build_all, resolve_precision
 from tests import conftest
 from tests.conftest import CONF, CORPORA, compose_config
 
@@ -32,6 +32,7 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         pytest.skip("sweeper configs are exercised by the sweep tests")
     cfg = compose_config([f"{group}={option}", *NEEDS.get((group, option), [])], run_dir=tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
+    resolve_precision(cfg)
     model_cfg = instantiate(cfg.model, _convert_="all").with_vocab(1000)
     assert model_cfg.vocab_size % 64 == 0
     datamodule = instantiate(cfg.data, _convert_="all")  # built, not prepared
