@@ -13,9 +13,11 @@ import lightning as L
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from callbacks.checkpoint_io import AtomicCheckpointIO
+from callbacks.resilience import TrainingDiverged
 from datamodules.sources import DataError
-from llm import plan, schema, tasks
-from llm.builders import best_checkpoint, build, build_all, resolve_ckpt_path, resolve_precision
+from llm import evaluate, plan, schema, tasks
+from llm.builders import best_checkpoint, build, build_all, check_resume, resolve_ckpt_path, resolve_precision
 from llm.errors import UserError
 
 schema.register()
@@ -24,20 +26,32 @@ schema.register()
 def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     resolve_precision(cfg)  # before the planner, so that it and the Trainer see the same precision
-    if cfg.plan.check:  # before any real work: refuse a run that cannot fit (python -m llm.plan shows the table)
+    init = tasks.load_init(cfg)  # init_from: weights, model shape (set into cfg.model) and tokenizer; or None
+    if cfg.plan.check and cfg.task != "eval":  # refuse a run that cannot fit (python -m llm.plan shows the table)
         plan.check(plan.plan_from_config(cfg))
 
-    datamodule = build(cfg.data, "data")
+    datamodule = tasks.build_datamodule(cfg, init)
     datamodule.prepare()  # before the model: its vocabulary follows the tokenizer
     datamodule.save_artifacts(cfg.run_dir)
 
-    module = tasks.build_module(cfg, datamodule)
+    module = tasks.build_module(cfg, datamodule, init)
+    if cfg.task == "eval":  # no training: measure init_from on the data, write eval.json
+        return evaluate.run(cfg, module, datamodule)
 
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=build_all(cfg.callbacks), logger=build_all(cfg.logger))
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        "trainer",
+        callbacks=build_all(cfg.callbacks),
+        logger=build_all(cfg.logger),
+        plugins=[AtomicCheckpointIO()],
+    )
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
+    check_resume(ckpt_path, module)
     if ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if any(getattr(cb, "stopped_by", None) for cb in trainer.callbacks):
+        return float("nan")  # stopped by a signal: saved, and no final validation to wait for
 
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))
     return float(results[0]["val/loss"])
@@ -47,7 +61,7 @@ def train(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
-    except (UserError, DataError) as err:
+    except (UserError, DataError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except InstantiationException as err:  # a constructor refused a configured value

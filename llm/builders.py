@@ -76,6 +76,28 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     return ckpt_path
 
 
+def check_resume(ckpt_path: str | None, module: L.LightningModule) -> None:
+    """Refuse, in one line, a checkpoint that cannot resume this run: unreadable, or of another model."""
+    if ckpt_path is None:
+        return
+    from llm.convert import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)  # memory-mapped: cheap even for large models; UserError if truncated
+    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    current = module.hparams.get("model")
+    if saved is None or current is None:
+        raise UserError(f"{ckpt_path}: not a checkpoint of this trainer (no model config inside)")
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+        for k in current
+        if saved.get(k) != current.get(k)
+    ]
+    if diff:
+        raise UserError(f"{ckpt_path}: the checkpoint is of another model ({'; '.join(diff[:4])})")
+    if "loops" not in ckpt:
+        raise UserError(f"{ckpt_path}: holds weights only and cannot resume a run; use init_from= instead")
+
+
 def best_checkpoint(trainer: L.Trainer) -> str | None:
     """The best checkpoint by the monitored metric, or None when nothing was saved."""
     from lightning.pytorch.callbacks import ModelCheckpoint

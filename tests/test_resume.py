@@ -1,0 +1,184 @@
+"""Exact resume: a run stopped and resumed equals the run that was never stopped (issue: reliability)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from callbacks.resilience import LastCheckpoint
+from llm.errors import UserError
+from tests.conftest import ROOT, TINY, compose_config
+
+# float32 on CPU: every kernel is deterministic, so equality is bitwise
+EXACT = [
+    "trainer.precision=32-true",
+    "trainer.max_steps=8",
+    "trainer.limit_train_batches=3",  # an epoch is 3 steps: the runs below cross epoch boundaries
+    "trainer.val_check_interval=3",
+    "callbacks.samples=null",
+]
+
+
+class StopAt(L.Callback):
+    """Test helper: asks the real LastCheckpoint to save and stop at `step`, as a SIGTERM would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            for cb in trainer.callbacks:
+                if isinstance(cb, LastCheckpoint):
+                    cb.requested = "test"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}  # a resumed step overwrites the earlier one
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_and_resume_equals_uninterrupted(tmp_path, data_cache, workers):
+    extra = [*TINY, *EXACT, f"data.num_workers={workers}"]
+    straight = tmp_path / "straight"
+    train.train(compose_config(extra, run_dir=straight, cache_dir=data_cache))
+
+    resumed = tmp_path / "resumed"
+    stop = ["+callbacks.stop._target_=tests.test_resume.StopAt", "+callbacks.stop.step=4"]  # mid-epoch
+    train.train(compose_config([*extra, *stop], run_dir=resumed, cache_dir=data_cache))
+    stopped_at = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert stopped_at in (4, 5)  # the step after the request: mid-epoch (an epoch is steps 4-6)
+    train.train(compose_config([*extra, "ckpt_path=last"], run_dir=resumed, cache_dir=data_cache))
+
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(8))
+    assert a == b  # every logged step, bitwise
+    assert_same_weights(weights(straight), weights(resumed))
+
+
+def _train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
+    return [
+        sys.executable,
+        "train.py",
+        *overrides,
+        *EXACT[:1],
+        "trainer.max_steps=16",
+        "trainer.val_check_interval=4",
+        "checkpoint.every_n_steps=2",
+        "callbacks.samples=null",
+        f"data.cache_dir={cache}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_anytime_then_resume_reaches_the_same_weights(tmp_path, data_cache):
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(straight, data_cache), cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    last = killed / "checkpoints" / "last.ckpt"
+    # 1. killed while training, after a first checkpoint
+    proc = subprocess.Popen(
+        _train_cmd(killed, data_cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(last.exists, proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 2. killed in the middle of writing a checkpoint (the write is slowed down to hit it)
+    env = {**os.environ, "LLM_TEST_CKPT_WRITE_DELAY": "2"}
+    proc = subprocess.Popen(
+        _train_cmd(killed, data_cache, "ckpt_path=last"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(lambda: any(killed.glob("checkpoints/*.tmp-*")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    torch.load(last, weights_only=False)  # what is under the real name is complete
+    # 3. resumed to the end
+    subprocess.run(
+        _train_cmd(killed, data_cache, "ckpt_path=last"), cwd=ROOT, check=True, capture_output=True, timeout=600
+    )
+    assert_same_weights(weights(straight), weights(killed))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, data_cache):
+    run = tmp_path / "run"
+    cmd = _train_cmd(run, data_cache, "trainer.max_steps=100000", "checkpoint.every_n_steps=null")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: any((run / "tensorboard").glob("events.*")) and (run / "tensorboard").stat().st_size >= 0, proc)
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "SIGTERM: saved" in out, out[-2000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 0 < ckpt["global_step"] < 100000
+
+
+def test_truncated_or_mismatched_checkpoint_is_refused(tmp_path, tiny_cfg, data_cache):
+    cfg = tiny_cfg("trainer.max_steps=2", "callbacks.samples=null")
+    train.train(cfg)
+    good = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated.ckpt: not a readable checkpoint"):
+        train.train(compose_config([*TINY, f"ckpt_path={truncated}"], run_dir=tmp_path / "a", cache_dir=data_cache))
+
+    with pytest.raises(UserError, match=r"another model \(dim: checkpoint 64 vs config 96"):
+        train.train(
+            compose_config([*TINY, "model.dim=96", f"ckpt_path={good}"], run_dir=tmp_path / "b", cache_dir=data_cache)
+        )
+
+    with pytest.raises(UserError, match="no checkpoint file"):
+        train.train(
+            compose_config([*TINY, f"ckpt_path={tmp_path}/nope.ckpt"], run_dir=tmp_path / "c", cache_dir=data_cache)
+        )
+
+
+def test_ckpt_path_last_without_checkpoint_starts_fresh(tiny_cfg, capsys):
+    cfg = tiny_cfg("trainer.max_steps=1", "callbacks.samples=null", "ckpt_path=last")
+    train.train(cfg)
+    assert "no checkpoint at" in capsys.readouterr().out
