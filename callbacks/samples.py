@@ -22,19 +22,19 @@ class TextSamples(L.Callback):
 
     @torch.no_grad()
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.datamodule is None:
+        if trainer.sanity_checking or trainer.datamodule is None or not hasattr(trainer.datamodule, "tokenizer"):
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
+        # every rank generates: under FSDP each forward gathers parameters from all ranks (same prompts, greedy:
+        # every rank takes the same number of steps); only rank 0 writes
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)] if trainer.is_global_zero else []
         tokenizer = trainer.datamodule.tokenizer
         texts = []
         for prompt in self.prompts:
             ids = tokenizer.encode(prompt).ids  # the tokenizer adds BOS, as it did for the training documents
             out = generate(pl_module.model, [ids], self.max_new_tokens, eos_id=trainer.datamodule.eos_id)[0]
             texts.append(f"**{prompt}**{tokenizer.decode(out)}")
+        self.last_samples = texts
         for logger in loggers:
             for i, text in enumerate(texts):
                 # TensorBoard renders text as markdown; two trailing spaces keep line breaks
                 logger.experiment.add_text(f"samples/{i}", text.replace("\n", "  \n"), trainer.global_step)
-        self.last_samples = texts

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -71,7 +72,7 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
             print(f"ckpt_path=last: no checkpoint at {last} yet, starting fresh")
             return None
         return str(last)
-    if not Path(ckpt_path).is_file():
+    if not (Path(ckpt_path).is_file() or (Path(ckpt_path) / "meta.pt").is_file()):  # a file, or a sharded dir
         raise UserError(f"ckpt_path: no checkpoint file at {ckpt_path}")
     return ckpt_path
 
@@ -82,7 +83,11 @@ def check_resume(ckpt_path: str | None, module: L.LightningModule) -> None:
         return
     from llm.convert import load_checkpoint
 
-    ckpt = load_checkpoint(ckpt_path)  # memory-mapped: cheap even for large models; UserError if truncated
+    meta = Path(ckpt_path) / "meta.pt"  # a sharded (FSDP) checkpoint: a directory with the metadata beside the shards
+    if meta.is_file():
+        ckpt = torch.load(meta, map_location="cpu", weights_only=False)
+    else:
+        ckpt = load_checkpoint(ckpt_path)  # memory-mapped: cheap even for large models; UserError if truncated
     saved = (ckpt.get("hyper_parameters") or {}).get("model")
     current = module.hparams.get("model")
     if saved is None or current is None:

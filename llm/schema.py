@@ -120,11 +120,18 @@ GROUP_TARGETS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "optim": ("torch.optim.AdamW", True, ("params",)),
     "sched": ("llm.schedule.WarmupCosine", True, ("optimizer", "max_steps")),
 }
-DATA_TARGETS = ("datamodules.pretrain.PretrainDataModule",)
+DATA_TARGETS = (
+    "datamodules.pretrain.PretrainDataModule",
+    "datamodules.sft.SFTDataModule",
+    "datamodules.classify.ClassifyDataModule",
+)
 
 
 def register() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent; called before composing)."""
+    from llm.launch import register_resolvers
+
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="root_schema", node=RootSchema)
     for group, (target, partial, skip) in GROUP_TARGETS.items():

@@ -1,0 +1,168 @@
+"""Parallelism, applied to the Transformer from the outside (the model file knows nothing of it).
+
+``trainer=fsdp`` uses ``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) with
+the data-parallel size defaulting to the world size divided by the tensor-parallel size (Lightning's own
+"auto" gives tensor parallel over all devices and no sharding), checkpoints written atomically, and the
+model prepared by ``apply``: optional tensor parallelism, activation checkpointing and ``torch.compile`` per
+block, then ``fully_shard`` per block and on the root, with a bf16-compute / fp32-reduce policy on GPU.
+Under FSDP the module builds the model on the meta device; Lightning materialises it shard by shard
+(``reset_parameters`` on each module), so no rank ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from llm.config import ModelConfig
+
+
+def apply(model: nn.Module, cfg: ModelConfig, strategy: Any | None) -> nn.Module:
+    """Prepare ``model`` for ``strategy`` in place: TP, activation checkpointing, compile, FSDP."""
+    fsdp = strategy if isinstance(strategy, FSDP2Strategy) else None
+    if fsdp is not None and fsdp.tensor_parallel_size > 1:
+        apply_tensor_parallel(model, fsdp.device_mesh["tensor_parallel"])
+    if fsdp is not None and fsdp.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        for block in model.layers:
+            block.compile()  # in place (names unchanged), per block: small graphs, compiled once, reused n_layers times
+    if fsdp is not None:
+        apply_fsdp(model, fsdp.device_mesh["data_parallel"], fsdp.mp_policy(), fsdp.reshard_after_forward)
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward: keeps only block inputs (see llm/plan.py)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        # the wrapper strips its own prefix from state_dict keys, so checkpoints keep the plain names
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any | None, reshard_after_forward: bool) -> None:
+    """``fully_shard`` each block, then the root (embedding, final norm, head: the tied weight lives there)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def apply_tensor_parallel(model: nn.Module, mesh: Any) -> None:
+    """Megatron-style plan per block: q/k/v and w1/w3 split by columns (heads, hidden units), wo and w2 by rows.
+
+    Each rank then holds n_heads / tp query heads and n_kv_heads / tp key/value heads, so both must divide.
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = mesh.size()
+    cfg = model.cfg
+    if cfg.n_heads % tp or cfg.n_kv_heads % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide model.n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads}"
+        )
+    plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(),
+    }
+    for block in model.layers:
+        parallelize_module(block, mesh, plan)
+        # the attention module reshapes with its head counts: each rank sees its share of heads
+        block.attention.n_heads = cfg.n_heads // tp
+        block.attention.n_kv_heads = cfg.n_kv_heads // tp
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 through Lightning, with the defaults a Llama run wants (see the module docstring).
+
+    Args:
+        tensor_parallel_size: devices per tensor-parallel group (1: pure FSDP).
+        data_parallel_size: "auto" = world size / tensor_parallel_size.
+        activation_checkpointing: recompute each block in backward.
+        mixed_precision: "auto" (bf16 compute, fp32 gradient reduction on GPU; none on CPU), "bf16" or "none".
+        reshard_after_forward: free gathered parameters after forward (ZeRO-3); False keeps them (ZeRO-2).
+        save_distributed_checkpoint: sharded checkpoints (a directory, each rank writes its shards).
+    """
+
+    def __init__(
+        self,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int | str = "auto",
+        activation_checkpointing: bool = False,
+        mixed_precision: str = "auto",
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
+        if mixed_precision not in ("auto", "bf16", "none"):
+            raise ValueError(f"trainer.strategy.mixed_precision must be auto, bf16 or none, got {mixed_precision!r}")
+        self.tensor_parallel_size = tensor_parallel_size
+        self.activation_checkpointing = activation_checkpointing
+        self.mixed_precision = mixed_precision
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        world = self.num_processes * self.num_nodes
+        if world % self.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} does not divide the world size {world}")
+        if self._data_parallel_size == "auto":  # Lightning's "auto" is num_nodes: no sharding inside a node
+            self._data_parallel_size = world // self.tensor_parallel_size
+        super().setup_environment()
+
+    def mp_policy(self) -> Any | None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        on_gpu = self.root_device.type == "cuda"
+        if self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and on_gpu):
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write into ``<path>.tmp`` (every rank its shards), then swap it in place on rank 0.
+
+        A crash during the write leaves the previous checkpoint whole; the swap is two renames.
+        """
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(path.name + ".tmp")
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            old = path.with_name(path.name + ".old")
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self.barrier()
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.global_rank == 0:
+            path = Path(filepath)
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
