@@ -42,10 +42,10 @@ class StopAt(L.Callback):
                     cb.requested = "test"
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, tag: str = "train/loss") -> dict[int, float]:
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train/loss")}  # a resumed step overwrites the earlier one
+    return {e.step: e.value for e in acc.Scalars(tag)}  # a resumed step overwrites the earlier one
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
