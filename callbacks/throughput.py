@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from llm.flops import flops_per_token
-from llm.hardware import peak_flops
+from llm.hardware import peak_flops, peak_memory_bytes
 
 
 class Throughput(L.Callback):
@@ -59,4 +59,5 @@ class Throughput(L.Callback):
         if self._peak and self._flops_per_token:
             per_device = tokens_per_sec / trainer.world_size
             metrics["perf/mfu"] = per_device * self._flops_per_token / self._peak
+        metrics["perf/peak_memory_gb"] = peak_memory_bytes(pl_module.device) / 2**30
         pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)

@@ -90,6 +90,15 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: allocated by torch on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): only then is bf16 autocast faster."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so probed defensively

@@ -12,6 +12,8 @@ Under FSDP the module builds the model on the meta device; Lightning materialise
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":  # Lightning's "auto" is num_nodes: no sharding inside a node
             self._data_parallel_size = world // self.tensor_parallel_size
         super().setup_environment()
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """Build the model on the meta device unless told otherwise: no rank allocates the full model; Lightning
+        then materialises each shard (``to_empty`` + ``reset_parameters``) after ``fully_shard``."""
+        with super().tensor_init_context(empty_init=True if empty_init is None else empty_init):
+            yield
 
     def mp_policy(self) -> Any | None:
         from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -53,17 +53,26 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, data_cache):
+def initial(tmp_path_factory, data_cache) -> Path:
+    """Initial weights shared by the runs compared below (FSDP initialises a meta-device model shard by shard,
+    with other random numbers than a model built whole): a run of one step at learning rate 0."""
+    run_dir = tmp_path_factory.mktemp("initial")
+    run(run_dir, data_cache, "trainer.max_steps=1", "optim.lr=0.0", "sched.min_lr=0.0")
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_cache, initial):
     """The reference: one process, global batch 8."""
     run_dir = tmp_path_factory.mktemp("single")
-    run(run_dir, data_cache, "data.batch_size=8")
+    run(run_dir, data_cache, "data.batch_size=8", f"init_from={initial}")
     return run_dir
 
 
 @pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(single, tmp_path, data_cache, trainer):
+def test_two_processes_match_one_with_the_same_global_batch(single, initial, tmp_path, data_cache, trainer):
     run_dir = tmp_path / trainer
-    probe = ["+callbacks.probe._target_=tests.test_distributed.ShardProbe"]
+    probe = ["+callbacks.probe._target_=tests.test_distributed.ShardProbe", f"init_from={initial}"]
     run(run_dir, data_cache, f"trainer={trainer}", "trainer.devices=2", "data.batch_size=4", *probe)
 
     # the same 8 windows per step, split 4 + 4: losses and weights agree up to the order of float32 sums
