@@ -11,7 +11,8 @@ with our layout, which `init_from=` and `llm.generate` accept:
 
     {"state_dict": {"model.<our name>": tensor}, "hyper_parameters": {"model": ModelConfig.to_dict()},
      "tokenizer": tokenizer.json as a string, "special_tokens": {"bos", "eos", "pad", "eos_ids"},
-     "hf_tokenizer_config": the original tokenizer_config.json (written back by to-hf)}
+     "hf_tokenizer_config": the original tokenizer_config.json (written back by to-hf),
+     "chat_template": the Jinja chat template, when the model has one}
 
 `special_tokens` holds ids (or None); `eos` is one id, `eos_ids` every id that ends a sequence (Llama 3
 lists several as `eos_token_id`). Our training checkpoints carry no `special_tokens`: the roles are then read
@@ -177,7 +178,9 @@ def config_from_hf(hf: dict[str, Any], where: str | Path) -> ModelConfig:
         raise UserError(f"{where}: Llama variants with attention_bias or mlp_bias are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf]
+    missing = [
+        k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size") if k not in hf
+    ]
     if missing:
         raise UserError(f"{where}: missing {', '.join(missing)}")
     n_heads = hf["num_attention_heads"]
@@ -233,9 +236,7 @@ def model_config_of(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
 def model_state(ckpt: dict[str, Any], cfg: ModelConfig, path: str | Path) -> dict[str, torch.Tensor]:
     """The Transformer's tensors by our names (LightningModule prefix and metric states dropped), checked against
     `cfg`. With tied embeddings `output.weight` may be absent (it is the embedding)."""
-    state = {
-        k[len(PREFIX) :].replace(_COMPILED, ""): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)
-    }
+    state = {k[len(PREFIX) :].replace(_COMPILED, ""): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
     expected = expected_shapes(cfg)
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set()))
@@ -298,6 +299,8 @@ def _write_tokenizer_files(ckpt: dict[str, Any], out: Path, cfg: ModelConfig, id
             "clean_up_tokenization_spaces": False,
             **special,
         }
+    if ckpt.get("chat_template"):  # Jinja, from from-hf or from finetuning with a chat template
+        config["chat_template"] = ckpt["chat_template"]
     (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
@@ -478,6 +481,11 @@ def from_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
         tokenizer_config = _read_json(hf_dir / "tokenizer_config.json")
         if tokenizer_config:
             ckpt["hf_tokenizer_config"] = tokenizer_config
+        template = tokenizer_config.get("chat_template")
+        if template is None and (hf_dir / "chat_template.jinja").is_file():  # transformers 5 keeps it apart
+            template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        if isinstance(template, str):
+            ckpt["chat_template"] = template
     out = Path(out_ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -27,6 +27,14 @@ from llm.errors import UserError
 from llm.model import Transformer
 
 
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -102,21 +110,28 @@ def generate(
     B, T0 = len(prompts), max(len(p) for p in prompts)
 
     tokens = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros((B, T0), dtype=torch.bool, device=device)
+    # valid key slots of the whole generation (B, T0 + max_new_tokens): False on the left padding; the model reads
+    # the first cached + new columns, so the generated slots are True from the start
+    valid = torch.ones((B, T0 + max_new_tokens), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):  # left padding: each row's last prompt token is in column T0 - 1
         tokens[i, T0 - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
-        valid[i, T0 - len(p) :] = True
+        valid[i, : T0 - len(p)] = False
     # Without padding, rotary positions are the cache slots (the model's default) and the mask is plainly causal.
     padded = not bool(valid.all())
-    pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T0): 0 at each row's first token
+    pos = (valid[:, :T0].long().cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T0): 0 at each row's start
     eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(int(seed))
 
+    sharded = _is_fsdp(model)
+
     def next_logits(x: torch.Tensor) -> torch.Tensor:  # x (B, T) -> (B, V) logits of the last position only
-        h = model.hidden(x, input_pos=pos, mask=valid if padded else None, kv_cache=cache)  # (B, T, C)
+        mask = valid if padded else None
+        if sharded:  # FSDP gathers the root's weights in forward's hooks: go through forward, not hidden/output
+            return model(x, input_pos=pos, mask=mask, kv_cache=cache)[:, -1]
+        h = model.hidden(x, input_pos=pos, mask=mask, kv_cache=cache)  # (B, T, C)
         return model.output(h[:, -1])
 
     try:
@@ -134,7 +149,6 @@ def generate(
                 break
             if padded:
                 pos = pos[:, -1:] + 1  # (B, 1)
-                valid = torch.cat([valid, valid.new_ones(B, 1)], dim=1)  # (B, cache.length + 1)
             logits = next_logits(nxt[:, None])  # one token per row
     finally:
         model.train(was_training)

@@ -1,6 +1,6 @@
 """Logits parity with Hugging Face's LlamaForCausalLM on tiny random models (float32, CPU).
 
-The name mapping below is the test's own; llm/convert.py owns the real one.
+The weights are renamed with llm/convert.py's mapping, so this also checks that mapping.
 """
 
 from __future__ import annotations
@@ -9,30 +9,11 @@ import pytest
 import torch
 
 from llm.config import ModelConfig
+from llm.convert import from_hf_name
 from llm.model import Transformer, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-
-
-def hf_to_ours(name: str) -> str:
-    """Hugging Face Llama parameter name -> ours."""
-    name = name.removeprefix("model.")
-    for hf, ours in [
-        ("embed_tokens", "tok_embeddings"),
-        ("lm_head", "output"),
-        ("self_attn.q_proj", "attention.wq"),
-        ("self_attn.k_proj", "attention.wk"),
-        ("self_attn.v_proj", "attention.wv"),
-        ("self_attn.o_proj", "attention.wo"),
-        ("mlp.gate_proj", "feed_forward.w1"),
-        ("mlp.up_proj", "feed_forward.w3"),
-        ("mlp.down_proj", "feed_forward.w2"),
-        ("input_layernorm", "attention_norm"),
-        ("post_attention_layernorm", "ffn_norm"),
-    ]:
-        name = name.replace(hf, ours)
-    return name
 
 
 def hf_model(cfg: ModelConfig):
@@ -64,7 +45,7 @@ def hf_model(cfg: ModelConfig):
 def load_from_hf(cfg: ModelConfig, hf) -> Transformer:
     torch.manual_seed(1)
     ours = Transformer(cfg).eval()
-    state = {hf_to_ours(k): v for k, v in hf.state_dict().items()}
+    state = {from_hf_name(k): v for k, v in hf.state_dict().items()}
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
         assert hf.lm_head.weight is hf.model.embed_tokens.weight

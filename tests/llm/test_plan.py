@@ -1,0 +1,266 @@
+"""llm.plan: counts of every named size, the Llama-2-7B figures, strategies, one-line errors, and the estimate
+against what autograd saves and against the measured peak memory of real CPU training steps.
+
+Run as a script, this file is the measuring subprocess: `python tests/llm/test_plan.py '<json list of runs>'`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+SIZES = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+# every named size, with the default data group's 4,096-token tokenizer where the model follows the tokenizer
+PARAMS = {
+    "tiny": 4_196_608,
+    "small": 88_099_584,  # 84,953,856 non-embedding + 4,096 x 768 tied
+    "1b": 1_235_814_400,
+    "7b": 6_738_415_616,
+    "13b": 13_015_864_320,
+}
+
+
+def measure(runs: list[dict]) -> list[dict]:
+    """Peak resident memory above the pre-model baseline of a few training steps of CausalLM on the CPU.
+
+    Each run: build the LightningModule's model and AdamW (as configure_optimizers does), then twice
+    forward and loss (under bf16 autocast for *-mixed, as Lightning's precision plugin does), backward,
+    gradient clipping (the default trainer clips), optimizer step, zero_grad (set to None, Lightning's default).
+    The peak RSS is reset (/proc/self/clear_refs) at the baseline and read from VmHWM.
+    """
+    import gc
+    from functools import partial
+
+    from llm.config import ModelConfig
+    from llm.module import CausalLM
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    results = []
+    for run in runs:
+        cfg = ModelConfig.from_dict(run["model"])
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, cfg.vocab_size, (run["batch"], run["seq_len"]), generator=g)
+        y = torch.randint(0, cfg.vocab_size, (run["batch"], run["seq_len"]), generator=g)
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        baseline = status("VmRSS")
+        optimizer = partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        module = CausalLM(cfg.to_dict(), optimizer=optimizer)
+        module.configure_model()
+        opt = module.configure_optimizers()["optimizer"]
+        mixed = run["precision"].endswith("-mixed")
+        for step in range(2):  # the first step, on 8 tokens, creates the optimizer state; the second is measured
+            xs, ys = (x[:1, :8], y[:1, :8]) if step == 0 else (x, y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+                loss = module.loss(module(xs), ys)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append({"peak": status("VmHWM") - baseline, "weights": sum(p.numel() for p in module.parameters())})
+        del module, opt, loss
+    return results
+
+
+if __name__ == "__main__":  # the measuring subprocess
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
+    sys.exit(0)
+
+
+import pytest  # noqa: E402
+
+from llm import plan as planner  # noqa: E402
+from llm.config import ModelConfig  # noqa: E402
+from llm.errors import UserError  # noqa: E402
+from llm.model import Transformer  # noqa: E402
+from llm.plan import PRECISIONS, Plan, block_activation_bytes  # noqa: E402
+
+FIXED = ["trainer.accelerator=cpu", "trainer.precision=32-true", "plan.device_memory_gb=80"]
+
+
+def plan_of(*overrides: str) -> Plan:
+    return planner.plan_from_config(planner.compose([*FIXED, *overrides]))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_named_size_composes_and_counts(size):
+    p = plan_of(f"model={size}")
+    assert p.params == PARAMS[size]
+    with torch.device("meta"):
+        assert sum(t.numel() for t in Transformer(p.model).parameters()) == p.params
+    assert p.weights == 4 * p.params and p.optimizer == 8 * p.params
+
+
+def test_llama2_7b_fsdp_reads_like_the_known_figures(capsys):
+    argv = ["model=7b", "trainer.strategy=fsdp", "trainer.devices=8", "trainer.precision=bf16-mixed"]
+    assert planner.main([*argv, "plan.device_memory_gb=80"]) == 0
+    out = capsys.readouterr().out
+    assert "6,738,415,616 (6.74B)" in out and "13.5 GB in bf16" in out
+    assert "FSDP, sharded over 8 devices" in out and "bf16-mixed" in out
+    assert "states: 16 B/param" in out and "13.48      107.81" in out  # 16 B/param: 107.8 GB, 13.5 GB per device
+
+    p = plan_of(*argv)
+    assert p.sharded and p.world_size == 8
+    assert p.weights + p.gradients + p.optimizer == pytest.approx(16 * 6_738_415_616 / 8, abs=8)
+    # activations: nothing is sharded, so they dominate at 16 x 256 tokens; checkpointing cuts them to a block
+    assert p.activations > p.weights + p.gradients + p.optimizer
+    ckpt = Plan(**{**_fields(p), "activation_checkpointing": True})
+    assert ckpt.activations < p.activations / 5  # block inputs + one block + the loss
+    assert plan_of(*argv, "trainer.num_nodes=2").weights == pytest.approx(p.weights / 2, abs=1)
+
+
+def _fields(p: Plan) -> dict:
+    keys = ("model", "precision", "world_size", "sharded", "activation_checkpointing", "micro_batch", "seq_len")
+    return {k: getattr(p, k) for k in keys} | {"accelerator": p.accelerator, "device_memory": p.device_memory}
+
+
+def test_strategies():
+    single = plan_of("model=7b")
+    ddp = plan_of("model=7b", "trainer.strategy=ddp", "trainer.devices=4")
+    fsdp = plan_of("model=7b", "trainer.strategy=fsdp", "trainer.devices=4")
+    assert (single.sharded, ddp.sharded, fsdp.sharded) == (False, False, True)
+    assert ddp.weights == single.weights and ddp.buffers == single.buffers + 4 * single.params  # buckets
+    assert fsdp.weights * 4 == pytest.approx(single.weights, abs=4) and fsdp.total < single.total
+    assert "DDP over 4 devices" in ddp.report()
+
+    # a strategy node, as the planned trainer=fsdp may write it (FSDP2 via Lightning's ModelParallelStrategy)
+    cfg = planner.compose([*FIXED, "model=7b", "trainer.devices=8"])
+    cfg.trainer.strategy = {
+        "_target_": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "activation_checkpointing": True,
+    }
+    p = planner.plan_from_config(cfg)
+    assert p.sharded and p.activation_checkpointing and p.world_size == 8
+
+
+def test_precisions_and_auto():
+    fp32 = plan_of("model=1b")
+    mixed = plan_of("model=1b", "trainer.precision=bf16-mixed")
+    true16 = plan_of("model=1b", "trainer.precision=bf16-true")
+    assert mixed.weights == fp32.weights and mixed.activations < fp32.activations
+    assert mixed.buffers > 0 == fp32.buffers  # autocast's bf16 weight copies
+    assert true16.weights * 2 == fp32.weights and true16.optimizer * 2 == fp32.optimizer
+    auto = plan_of("model=1b", "trainer.precision=auto")
+    assert auto.precision in ("bf16-mixed", "32-true")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that is absent")
+def test_plan_for_an_absent_gpu():
+    p = planner.plan_from_config(planner.compose(["trainer=gpu", "model=7b", "plan.device_memory_gb=80"]))
+    assert p.accelerator == "cuda" and p.device_memory == 80 * 10**9 and p.precision.endswith("-mixed")
+    assert p.step_temporaries == p.optimizer // 2  # foreach AdamW, CUDA's default: one moment-sized copy
+    with pytest.raises(UserError, match="no GPU is visible"):
+        planner.plan_from_config(planner.compose(["trainer=gpu"]))
+
+
+def test_fits_and_check():
+    p = plan_of("model=7b", "plan.device_memory_gb=8")
+    assert not p.fits and "does NOT fit" in p.report()
+    with pytest.raises(UserError, match="short by .* GB.*plan.check=false"):
+        planner.check(p)
+    planner.check(plan_of("model=tiny"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["model=nope"], "Could not find 'model/nope' (available: 13b, 1b, 7b, small, tiny)"),
+        (["trainer.foo=1"], "trainer.foo"),
+        (["model.dim=abc"], "model.dim=abc"),
+        (["model.dim=-4"], "model.dim must be a positive integer"),
+        (["trainer.precision=8-true"], "trainer.precision='8-true'"),
+        (["data.seq_len=100000"], "data.seq_len=100000 exceeds model.max_seq_len"),
+        (["plan.device_memory_gb=-1"], "plan.device_memory_gb=-1"),
+    ],
+)
+def test_errors_are_one_line(capsys, argv, message):
+    assert planner.main([*FIXED[:1], *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_cli_runs_as_a_module():
+    out = subprocess.run(
+        [sys.executable, "-m", "llm.plan", "model=nope"], capture_output=True, text=True, cwd=CONF.parent
+    )
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_block_activations_are_what_autograd_saves(precision):
+    """block_activation_bytes counts, per token, exactly the tensors autograd keeps (parameters and autocast's
+    weight copies excluded: those are weights and buffers)."""
+    cfg = ModelConfig(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=704, vocab_size=1000, max_seq_len=64)
+    model = Transformer(cfg)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    B, T = 8, 48  # B * T differs from every weight dimension: activations are told apart from weights by shape
+    h = model.tok_embeddings(torch.randint(0, 1000, (B, T))).detach().requires_grad_()
+    cos, sin = model.rope(torch.arange(T))
+    weight_shapes = {s for p in model.parameters() for s in (tuple(p.shape), tuple(p.shape)[::-1])}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if tuple(t.shape) not in weight_shapes:  # not a weight, its transpose, or its autocast copy
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.endswith("mixed")):
+            model.layers[0](h, cos, sin)
+    measured = sum(saved.values()) / (B * T)  # includes the (T, D) rotary tables: per position, <0.5% here
+    assert measured == pytest.approx(block_activation_bytes(cfg, PRECISIONS[precision], "cpu"), rel=0.01)
+
+
+@pytest.mark.slow
+def test_estimate_matches_measured_peak_of_cpu_training():
+    """Planner vs measured peak RSS growth of real training steps (a ~22M-parameter model) in a subprocess.
+
+    glibc's malloc keeps freed blocks below its (adaptive) mmap threshold in the heap, so plain RSS would measure
+    the allocator's high-water mark and its fragmentation; a fixed 64 KiB threshold returns every freed tensor to
+    the OS, so peak RSS follows live memory (as torch.cuda.max_memory_allocated does on a GPU). Three regimes:
+    activations dominate (fp32 and bf16 autocast), and the optimizer step dominates (one short sequence).
+    """
+    shape = [
+        "model.dim=384",
+        "model.n_layers=6",
+        "model.n_heads=6",
+        "model.n_kv_heads=2",
+        "model.ffn_dim=1024",
+        "model.vocab_size=16384",
+        "model.tie_embeddings=false",
+    ]
+    cases = [("32-true", 4, 128), ("bf16-mixed", 4, 128), ("32-true", 1, 32)]
+    plans = [
+        plan_of(*shape, f"trainer.precision={p}", f"data.batch_size={b}", f"data.seq_len={t}") for p, b, t in cases
+    ]
+    runs = [
+        {"model": p.model.to_dict(), "precision": p.precision, "batch": p.micro_batch, "seq_len": p.seq_len}
+        for p in plans
+    ]
+    # one thread: OpenMP's barriers make a 2-thread run on a busy shared machine many times slower
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, __file__, json.dumps(runs)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    report = []
+    for p, m in zip(plans, measured):
+        assert m["weights"] == p.params
+        report.append(
+            f"{p.precision} {p.micro_batch}x{p.seq_len}: plan {p.total / 1e6:.0f} MB, measured {m['peak'] / 1e6:.0f} MB"
+        )
+    print("\n".join(report))
+    for p, m in zip(plans, measured):
+        assert p.total == pytest.approx(m["peak"], rel=0.25), report
