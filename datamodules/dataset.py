@@ -7,41 +7,45 @@ last token and ``labels`` the window without its first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from datamodules.packing import TokenShards
+
 IGNORE_INDEX = -100  # label value the loss ignores (packed pretraining has none; kept for the convention)
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping ``seq_len + 1`` windows over a token file written by :mod:`datamodules.packing`.
+    """Non-overlapping ``seq_len + 1`` windows over a token stream written by :mod:`datamodules.packing`.
 
-    The memory map is opened lazily in each process, so the dataset pickles cheaply into DataLoader
-    workers (a pickled ``np.memmap`` would copy the whole array).
+    ``source`` is one token file, or a split's shards as ``(path, tokens)`` pairs read as one stream (a window
+    may span two shards). The memory maps open lazily in each process, so the dataset pickles cheaply into
+    DataLoader workers (a pickled ``np.memmap`` would copy the whole array).
     """
 
-    def __init__(self, path: str | Path, dtype: np.dtype | str, n_tokens: int, seq_len: int) -> None:
+    def __init__(
+        self,
+        source: str | Path | Sequence[tuple[str | Path, int]],
+        dtype: np.dtype | str,
+        n_tokens: int,
+        seq_len: int,
+    ) -> None:
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len} must be positive")
-        self.path = str(path)
-        self.dtype = np.dtype(dtype)
+        shards = [(source, int(n_tokens))] if isinstance(source, (str, Path)) else list(source)
+        self.tokens = TokenShards(shards, dtype)
+        if len(self.tokens) != int(n_tokens):
+            raise ValueError(f"the shards hold {len(self.tokens)} tokens, not n_tokens={n_tokens}")
+        self.dtype = self.tokens.dtype
         self.n_tokens = int(n_tokens)
         self.seq_len = int(seq_len)
-        self._tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return max(0, (self.n_tokens - 1) // self.seq_len)
-
-    @property
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
-        return self._tokens
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
@@ -49,9 +53,6 @@ class TokenWindows(Dataset):
         start = i * self.seq_len
         window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return {"input_ids": window[:-1], "labels": window[1:]}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokens": None}
 
 
 class WindowSampler(DistributedSampler):

@@ -6,16 +6,25 @@ Formats, chosen by the file name (each also as ``.gz``):
 - ``.jsonl`` one JSON object per line, the document in ``text_field``;
 - ``.json``  a list of objects (or of strings), or a single object, the document in ``text_field``.
 
-Bytes that are not valid UTF-8 are replaced by U+FFFD and counted, never an error; a leading byte-order
-mark is dropped. Line endings are left alone: normalising them is a cleaning rule. Mistakes of the user
-(a missing path, a glob that matches nothing, a wrong ``text_field``) raise :class:`DataError` with a
-one-line message that names the path or key.
+Reading streams: a ``.txt`` or ``.jsonl`` file is read line by line and a ``.json`` list element by element,
+so memory holds one document at a time, whatever the size of the corpus.
+
+Text is UTF-8 (a UTF-16 or UTF-32 file with a byte-order mark is decoded as such). Bytes that are not valid
+UTF-8 are replaced by U+FFFD and counted, never an error; a leading byte-order mark is dropped. Line endings
+are left alone: normalising them is a cleaning rule. A file that is not text at all (NUL bytes, or mostly
+undecodable or control bytes in its first 8 KiB: an image, an archive, random bytes named ``.txt``) is
+skipped, with the reason, in :attr:`SourceStats.skipped_files`.
+
+Mistakes of the user (a missing path, a glob that matches nothing, a wrong ``text_field``, invalid JSON, a
+truncated ``.gz``) raise :class:`DataError` with a one-line message that names the path or key.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -28,10 +37,25 @@ from typing import IO
 SUFFIXES = (".txt", ".jsonl", ".json")
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpora" / "janeausten.jsonl.gz"
 
+SNIFF_BYTES = 8192  # how much of a file (decompressed) decides whether it is text
+MAX_BAD_RATIO = 0.3  # more undecodable or control bytes than this among the sniffed characters: not text
+JSON_CHUNK_CHARS = 1 << 20  # a .json file is parsed from chunks of this many characters
+
 _BOM = "\ufeff"
 _REPLACEMENT = "\ufffd"
 _GLOB_CHARS = set("*?[")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape lone surrogates, which are not text
+# C0 control characters that do not occur in text files (tab, newlines, form feed and escape do)
+_BINARY_CONTROLS = re.compile("[\x01-\x08\x0e-\x1a\x1c-\x1f]")
+_WS = re.compile(r"[ \t\r\n]*")
+
+# BOMs that select a decoder; the longer UTF-32 marks first (FF FE 00 00 starts with UTF-16's FF FE).
+_BOM_ENCODINGS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 class DataError(ValueError):
@@ -40,13 +64,30 @@ class DataError(ValueError):
 
 @dataclass
 class SourceStats:
-    """What reading saw: files and bytes read, invalid UTF-8 replaced, files skipped (with the reason)."""
+    """What reading saw: files and (decompressed) bytes read, invalid UTF-8 replaced, files empty or skipped (with the reason)."""
 
     files: int = 0
     bytes: int = 0
     documents: int = 0
     invalid_utf8_replacements: int = 0
+    empty_files: int = 0
+    disk_bytes: int = 0  # bytes of the files as stored (compressed for .gz) read so far: for progress bars
     skipped_files: list[dict[str, str]] = field(default_factory=list)
+
+
+# Decoding errors are replaced by U+FFFD (as errors="replace" does) and counted here. Reading is single-threaded
+# per process, so a module-level counter is enough; read_file() adds the difference to its SourceStats.
+_invalid = [0]
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
+    _invalid[0] += 1
+    return _REPLACEMENT, err.end
+
+
+codecs.register_error("datamodules.replace", _replace_and_count)
 
 
 def file_format(path: str | Path) -> str | None:
@@ -118,32 +159,43 @@ def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, 
     return files, skipped
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Opening and sniffing
+
+
 def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _decode(raw: bytes, stats: SourceStats) -> str:
-    """UTF-8 with invalid bytes replaced by U+FFFD; the number of replacements is added to ``stats``."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        # U+FFFD that was already in the file (valid UTF-8 EF BF BD) is not a replacement
-        stats.invalid_utf8_replacements += text.count(_REPLACEMENT) - raw.count(b"\xef\xbf\xbd")
-        return text
+def sniff(head: bytes) -> tuple[str, str | None]:
+    """``(encoding, reason)`` for the first bytes of a file: the decoder to use, and why it is not text (or None).
+
+    A byte-order mark selects UTF-8, UTF-16 or UTF-32; without one the text must be UTF-8. NUL bytes never occur
+    in UTF-8 text, and a file whose sniffed characters are more than :data:`MAX_BAD_RATIO` undecodable bytes or
+    control characters is binary, or text in a legacy encoding that would decode to garbage.
+    """
+    for bom, encoding in _BOM_ENCODINGS:
+        if head.startswith(bom):
+            return encoding, None
+    if b"\x00" in head:
+        return "utf-8-sig", "binary file (NUL bytes)"
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    if text:
+        bad = text.count(_REPLACEMENT) - head.count(b"\xef\xbf\xbd") + len(_BINARY_CONTROLS.findall(text))
+        if bad / len(text) > MAX_BAD_RATIO:
+            pct = round(100 * bad / len(text))
+            return "utf-8-sig", f"binary or not UTF-8 ({pct}% of the first {len(head)} bytes undecodable or control)"
+    return "utf-8-sig", None
 
 
-def _lines(path: Path, stats: SourceStats) -> Iterator[str]:
-    """Decoded lines of a file (with their line ending), BOM dropped, counting bytes read."""
-    with _open_binary(path) as f:
-        first = True
-        for raw in f:
-            stats.bytes += len(raw)
-            line = _decode(raw, stats)
-            if first:
-                line = line.removeprefix(_BOM)
-                first = False
-            yield line
+def _open_text(raw: IO[bytes], path: Path, encoding: str) -> io.TextIOWrapper:
+    """The file (decompressed) as text: invalid bytes replaced and counted, line endings untouched."""
+    binary = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
+    return io.TextIOWrapper(binary, encoding=encoding, errors="datamodules.replace", newline="")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formats
 
 
 def split_into_paragraphs(lines: Iterable[str]) -> Iterator[str]:
@@ -181,17 +233,26 @@ def _text_of(record: object, text_field: str, where: str) -> str:
     return value
 
 
-def _read_txt(path: Path, split_paragraphs: bool, stats: SourceStats) -> Iterator[str]:
+def _lines(f: io.TextIOWrapper) -> Iterator[str]:
+    first = True
+    for line in f:
+        if first:
+            line = line.removeprefix(_BOM)  # utf-16 and utf-32 keep the mark in the text
+            first = False
+        yield line
+
+
+def _read_txt(f: io.TextIOWrapper, split_paragraphs: bool) -> Iterator[str]:
     if split_paragraphs:
-        yield from split_into_paragraphs(_lines(path, stats))
+        yield from split_into_paragraphs(_lines(f))
     else:
-        text = "".join(_lines(path, stats))
+        text = "".join(_lines(f))
         if text:
             yield text
 
 
-def _read_jsonl(path: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
-    for lineno, line in enumerate(_lines(path, stats), start=1):
+def _read_jsonl(f: io.TextIOWrapper, path: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
+    for lineno, line in enumerate(_lines(f), start=1):
         if not line.strip():
             continue
         try:
@@ -201,47 +262,145 @@ def _read_jsonl(path: Path, text_field: str, stats: SourceStats) -> Iterator[str
         yield _field(record, text_field, f"{path}:{lineno}", stats)
 
 
-def _read_json(path: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
-    text = "".join(_lines(path, stats))  # one JSON value: the standard library cannot stream it
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(data, list):
-        for i, record in enumerate(data):
-            yield _field(record, text_field, f"{path}[{i}]", stats)
+def _json_values(f: io.TextIOWrapper, path: Path) -> Iterator[tuple[int | None, object]]:
+    """``(index, element)`` of a top-level JSON list, parsed one element at a time from chunks of the file, or
+    ``(None, value)`` for any other top-level value (parsed whole). An element is only accepted once the ``,``
+    or ``]`` after it has been read: a number cut at the end of a chunk would otherwise pass for a shorter one."""
+    decoder = json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        chunk = f.read(JSON_CHUNK_CHARS)
+        if not chunk:
+            eof = True
+            return False
+        buf, pos = buf[pos:] + chunk, 0
+        return True
+
+    def next_char() -> str:
+        """The next non-whitespace character (reading more as needed); empty at the end of the file."""
+        nonlocal pos
+        while True:
+            pos = _WS.match(buf, pos).end()
+            if pos < len(buf):
+                return buf[pos]
+            if not more():
+                return ""
+
+    def invalid(msg: str) -> DataError:
+        return DataError(f"{path}: invalid JSON ({msg})")
+
+    more()
+    if buf.startswith(_BOM):
+        pos = 1
+    if next_char() != "[":
+        while more():
+            pass
+        try:
+            yield None, json.loads(buf[pos:])
+        except json.JSONDecodeError as e:
+            raise invalid(f"{e.msg} at line {e.lineno}") from None
+        return
+    pos += 1
+    index = 0
+    c = next_char()
+    if c == "]":
+        pos += 1
+    while c != "]":
+        if not c:
+            raise invalid(f"the list ends after {index} elements without ']'")
+        while True:
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                if more():
+                    continue
+                raise invalid(f"{e.msg} in element {index}") from None
+            if end < len(buf) or not more():
+                break
+        pos = end
+        yield index, value
+        index += 1
+        c = next_char()
+        if not c:
+            raise invalid(f"the list ends after {index} elements without ']'")
+        if c not in (",", "]"):
+            raise invalid(f"expected ',' or ']' after element {index - 1}")
+        pos += 1
+        if c == ",":
+            c = next_char()
+            if c == "]":
+                raise invalid(f"trailing comma after element {index - 1}")
+    if next_char():
+        raise invalid("extra data after the list")
+
+
+def _documents(
+    f: io.TextIOWrapper, path: Path, fmt: str, text_field: str, split_paragraphs: bool, stats: SourceStats
+) -> Iterator[str]:
+    if fmt == "txt":
+        yield from _read_txt(f, split_paragraphs)
+        return
+    if fmt == "jsonl":
+        docs = _read_jsonl(f, path, text_field, stats)
     else:
-        yield _field(data, text_field, str(path), stats)
+        docs = (
+            _field(value, text_field, str(path) if i is None else f"{path}[{i}]", stats)
+            for i, value in _json_values(f, path)
+        )
+    for doc in docs:
+        if split_paragraphs:
+            yield from split_into_paragraphs(doc.splitlines(keepends=True))
+        else:
+            yield doc
 
 
 def read_file(
     path: str | Path, text_field: str = "text", split_paragraphs: bool = False, stats: SourceStats | None = None
 ) -> Iterator[str]:
-    """The documents of one file. ``split_paragraphs`` splits every document on runs of blank lines."""
+    """The documents of one file. ``split_paragraphs`` splits every document on runs of blank lines.
+
+    A file that is not text is skipped (recorded in ``stats.skipped_files``); one without documents is
+    counted in ``stats.empty_files``.
+    """
     path = Path(path)
     stats = stats if stats is not None else SourceStats()
     fmt = file_format(path)
-    stats.files += 1
-    if fmt == "txt":
-        docs = _read_txt(path, split_paragraphs, stats)
-        split_paragraphs = False  # already split while streaming
-    elif fmt == "jsonl":
-        docs = _read_jsonl(path, text_field, stats)
-    elif fmt == "json":
-        docs = _read_json(path, text_field, stats)
-    else:
+    if fmt is None:
         raise DataError(f"data.paths: {path} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)")
+    invalid_before = _invalid[0]
+    n_docs = 0
     try:
-        for doc in docs:
-            if split_paragraphs:
-                for para in split_into_paragraphs(doc.splitlines(keepends=True)):
-                    stats.documents += 1
-                    yield para
-            else:
+        with _open_binary(path) as raw:
+            head = raw.read(SNIFF_BYTES)
+        encoding, reason = sniff(head)
+        if reason is not None:
+            stats.skipped_files.append({"path": str(path), "reason": reason})
+            return
+        stats.files += 1
+        with open(path, "rb") as raw, _open_text(raw, path, encoding) as f:
+            disk_before = stats.disk_bytes
+            for doc in _documents(f, path, fmt, text_field, split_paragraphs, stats):
+                n_docs += 1
                 stats.documents += 1
+                stats.disk_bytes = disk_before + raw.tell()
                 yield doc
+            stats.bytes += f.buffer.tell()
+            stats.disk_bytes = disk_before + raw.tell()
     except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt .gz, unreadable file
-        raise DataError(f"{path}: cannot be read ({e})") from None
+        raise DataError(f"{path}: cannot be read ({_reason(e)})") from None
+    finally:  # (documents of two files read interleaved would share their counts)
+        stats.invalid_utf8_replacements += _invalid[0] - invalid_before
+    if n_docs == 0:
+        stats.empty_files += 1
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, EOFError):
+        return "truncated: the compressed stream ends early"
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return msg.splitlines()[0] if msg else type(e).__name__
 
 
 def read_documents(

@@ -10,6 +10,7 @@ itself.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, sample_bytes: int | No
         min_frequency=2,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),  # its own progress bar, on a terminal only
     )
     tok.train_from_iterator(_batches(docs, sample_bytes), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
@@ -78,13 +79,26 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, sample_bytes: int | No
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizer.json``; a missing or invalid file is a :class:`DataError` naming the path."""
+def tokenizer_file(path: str | Path) -> Path:
+    """The ``tokenizer.json`` that ``data.tokenizer`` names: the file itself, or the one inside a directory (a
+    Hugging Face model directory, as ``python -m llm.convert to-hf`` or ``save_pretrained`` writes it)."""
     p = Path(path).expanduser()
-    if p.is_dir() and (p / "tokenizer.json").is_file():
-        p = p / "tokenizer.json"
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            return p / "tokenizer.json"
+        raise DataError(
+            f"data.tokenizer={path}: the directory has no tokenizer.json (a Hugging Face model directory needs its "
+            "fast tokenizer: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes one)"
+        )
     if not p.is_file():
         raise DataError(f"data.tokenizer={path}: no such file")
+    return p
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json`` (or the one in a directory); a missing or invalid file is a :class:`DataError`
+    naming the path."""
+    p = tokenizer_file(path)
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # the Rust side raises a plain Exception

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from datamodules.cleaning import (
     DEFAULT_RULES,
     EXAMPLE_CHARS,
+    OPTIONAL_RULES,
     RULE_NAMES,
     Cleaner,
     Dedup,
+    NearDedup,
     control_chars,
     letter_ratio,
+    lsh_bands,
     max_chars,
     min_chars,
     nfc,
@@ -108,7 +113,9 @@ def test_rule_order_matters():
 
 def test_defaults_and_names():
     assert Cleaner(None).config == DEFAULT_RULES
-    assert [r["name"] for r in DEFAULT_RULES] == list(RULE_NAMES)  # every rule is on by default
+    # every rule is on by default, except the optional ones
+    assert [r["name"] for r in DEFAULT_RULES] == [n for n in RULE_NAMES if n not in OPTIONAL_RULES]
+    assert OPTIONAL_RULES == ("near_dedup",)
     assert Cleaner([]).clean(" raw ") == " raw "
 
 
@@ -126,3 +133,82 @@ def test_defaults_and_names():
 def test_config_errors_name_the_rule(rules, match):
     with pytest.raises(DataError, match=match):
         Cleaner(rules)
+
+
+def test_letter_ratio_fast_paths_match_the_definition():
+    def slow(text: str) -> tuple[int, int]:
+        letters = sum(ch.isalpha() for ch in text)
+        return letters, letters + sum(not ch.isalpha() and not ch.isspace() for ch in text)
+
+    rng = random.Random(0)
+    alphabet = "ab Z9_-.,\t\n\u00e9\u4e2d\u0416\u00b2\u2003\u3000\U0001f600"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        letters, total = slow(text)
+        for ratio in (0.3, 0.5, 0.8):
+            assert letter_ratio(text, min_ratio=ratio) == (total > 0 and letters / total >= ratio), text
+
+
+def test_dedup_merges_into_sorted_digests(monkeypatch):
+    monkeypatch.setattr(Dedup, "MERGE_EVERY", 8)
+    d = Dedup()
+    docs = [f"document {i}" for i in range(100)]
+    assert all(d(x) for x in docs)
+    assert len(d._sorted) == 96 and not any(d(x) for x in docs)  # found whether merged or recent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# near duplicates (MinHash + LSH)
+
+PARAGRAPH = (
+    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite "
+    "some of the best blessings of existence; and had lived nearly twenty-one years in the world with very "
+    "little to distress or vex her."
+)
+
+
+def test_near_dedup_drops_small_edits_keeps_different_text():
+    nd = NearDedup()
+    assert (nd.bands, nd.rows) == lsh_bands(128, 0.8) == (9, 13)
+    assert nd(PARAGRAPH)
+    assert not nd(PARAGRAPH.replace("clever", "clver"))  # a typo
+    assert not nd("  " + PARAGRAPH.upper().replace(" ", "\n") + " ")  # case and whitespace do not count
+    assert nd(PARAGRAPH[: len(PARAGRAPH) // 2])  # half of it: Jaccard ~0.5, kept
+    assert nd("It is a truth universally acknowledged, that a single man in possession of a good fortune.")
+    zh = "滚滚长江东逝水，浪花淘尽英雄。是非成败转头空。青山依旧在，几度夕阳红。白发渔樵江渚上，惯看秋月春风。"
+    assert nd(zh) and not nd(zh.replace("英雄", "豪杰"))  # characters, not words: works without spaces
+
+
+def test_near_dedup_jaccard_estimate_and_determinism():
+    a, b = NearDedup(num_perm=256), NearDedup(num_perm=256)
+    text = " ".join(f"w{i}" for i in range(300))
+    edited = text.replace("w150", "x150").replace("w10 ", "x10 ")
+    sa, sb = a.signature(text), b.signature(edited)
+    assert (sa == b.signature(text)).all()  # the same hash functions in every instance
+    x, y = set(a.shingles(text).tolist()), set(a.shingles(edited).tolist())
+    jaccard = len(x & y) / len(x | y)
+    assert abs((sa == sb).mean() - jaccard) < 0.1
+
+
+def test_near_dedup_rule_is_optional_configurable_and_reported():
+    docs = [PARAGRAPH, PARAGRAPH + " The end.", "A different document about something else entirely, at length."]
+    assert len(list(Cleaner(["dedup"])(docs))) == 3
+    cleaner = Cleaner(["dedup", {"name": "near_dedup", "threshold": 0.7, "num_perm": 64, "shingle": 4}])
+    assert list(cleaner(docs)) == [docs[0], docs[2]]
+    rule = cleaner.report()["rules"]["near_dedup"]
+    assert rule["dropped"] == 1 and rule["examples"] == [docs[1][:EXAMPLE_CHARS] + "..."]
+    assert Cleaner([{"name": "near_dedup", "bands": 16, "num_perm": 64}]).rules[0].fn.rows == 4
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"threshold": 1.5}, r"data\.cleaning\[0\]: rule 'near_dedup': threshold=1\.5 must be in \(0, 1\]"),
+        ({"num_perm": 1}, r"num_perm=1 must be at least 2"),
+        ({"bands": 0}, r"bands=0 must be between 1 and num_perm=128"),
+        ({"shingles": 3}, r"rule 'near_dedup' has no parameter 'shingles' \(accepted: num_perm, threshold"),
+    ],
+)
+def test_near_dedup_config_errors(params, match):
+    with pytest.raises(DataError, match=match):
+        Cleaner([{"name": "near_dedup", **params}])

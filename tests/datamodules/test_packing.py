@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from datamodules.packing import CorpusSettings, prepare_corpus, split_documents, token_dtype
+from datamodules import packing
+from datamodules.dataset import TokenWindows
+from datamodules.packing import CorpusSettings, TokenShards, prepare_corpus, split_documents, token_dtype
 from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
 from datamodules.tokenizer import train_tokenizer
 
@@ -73,7 +79,7 @@ def test_eos_per_document_and_split_by_document(tmp_path, paragraphs):
     tok, eos = corpus.tokenizer, corpus.report["tokenizer"]["eos_id"]
     assert eos == 1 and corpus.dtype == np.uint16
     train, val = corpus.tokens("train"), corpus.tokens("val")
-    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert isinstance(train.shard(0), np.memmap) and train.dtype == np.uint16
     assert (len(train), len(val)) == (corpus.n_train, corpus.n_val)
     assert corpus.report["tokens"] == {"train": len(train), "val": len(val)}
     # every document is whole in exactly one split, BOS before it and one EOS after it
@@ -129,9 +135,13 @@ def test_report_contents(tmp_path, paragraphs):
         "meta.json",
         "report.json",
         "tokenizer.json",
-        "train.bin",
-        "val.bin",
+        "train-00000.bin",
+        "val-00000.bin",
     ]
+    assert meta["shards"] == {
+        "train": [{"file": "train-00000.bin", "tokens": corpus.n_train}],
+        "val": [{"file": "val-00000.bin", "tokens": corpus.n_val}],
+    }
 
 
 def test_cache_reuse_and_invalidation(tmp_path, paragraphs):
@@ -206,3 +216,140 @@ def test_corpus_emptied_by_cleaning_error(tmp_path):
     with pytest.raises(DataError, match=r"data\.cleaning dropped all 2 documents .*min_chars: 2"):
         prepare_corpus(settings(src, cleaning=[{"name": "min_chars", "value": 100}]), tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # nothing half-built left behind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shards, worker processes, crashes
+
+
+def test_shards_and_index_read_as_one_stream(tmp_path, paragraphs, monkeypatch):
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs)
+    whole = prepare_corpus(settings(src), tmp_path / "one")
+    monkeypatch.setattr(packing, "SHARD_TOKENS", 1000)
+    sharded = prepare_corpus(settings(src), tmp_path / "many")
+    assert sharded.report["cache"]["key"] == whole.report["cache"]["key"]  # the layout is not the content
+    train = sharded.tokens("train")
+    n_shards = -(-sharded.n_train // 1000)
+    assert [p.name for p, _ in sharded.shards("train")] == [f"train-{i:05d}.bin" for i in range(n_shards)]
+    assert [n for _, n in sharded.shards("train")][:-1] == [1000] * (n_shards - 1)
+    assert sharded.report["packing"]["shards"] == {"train": n_shards, "val": -(-sharded.n_val // 1000)}
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(sharded.tokens(split)), np.asarray(whole.tokens(split)))
+    reference = np.asarray(whole.tokens("train"))
+    assert np.array_equal(train[990:2010], reference[990:2010])  # a slice over three shards
+    assert train[1000] == reference[1000] and train[-1] == reference[-1]
+    windows = TokenWindows(sharded.shards("train"), sharded.dtype, sharded.n_train, seq_len=333)
+    flat = TokenWindows(str(whole.dir / "train-00000.bin"), whole.dtype, whole.n_train, seq_len=333)
+    assert len(windows) == len(flat)
+    for i in range(len(flat)):
+        assert torch.equal(windows[i]["input_ids"], flat[i]["input_ids"])
+
+
+def test_token_shards_pickle_without_their_maps(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    np.arange(5, dtype=np.uint16).tofile(a)
+    np.arange(5, 8, dtype=np.uint16).tofile(b)
+    shards = TokenShards([(a, 5), (b, 3), (tmp_path / "empty.bin", 0)], "uint16")
+    assert shards[3:7].tolist() == [3, 4, 5, 6] and len(shards) == 8 and shards[:0].tolist() == []
+    clone = pickle.loads(pickle.dumps(shards))
+    assert clone._maps == [None, None, None] and np.asarray(clone).tolist() == list(range(8))
+    with pytest.raises(IndexError):
+        shards[8]
+
+
+def test_worker_processes_give_the_same_output(tmp_path, paragraphs, monkeypatch):
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs)
+    one = prepare_corpus(settings(src, num_proc=1), tmp_path / "one")
+    monkeypatch.setattr(packing, "TASK_BYTES", 10_000)  # several tasks per worker
+    two = prepare_corpus(settings(src, num_proc=2), tmp_path / "two")
+    assert two.report["packing"]["encode_processes"] == 2 and one.report["packing"]["encode_processes"] == 1
+    assert two.report["cache"]["key"] == one.report["cache"]["key"]  # num_proc changes the speed, not the output
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(two.tokens(split)), np.asarray(one.tokens(split)))
+
+
+def test_encode_processes(monkeypatch):
+    monkeypatch.setattr(packing, "available_cpus", lambda: 8)
+    assert packing.encode_processes(3, 10) == 3  # the user's choice wins
+    assert packing.encode_processes(None, packing.POOL_MIN_BYTES - 1) == 1  # small corpus: in-process
+    assert packing.encode_processes(None, 1 << 40) == 8
+    monkeypatch.setattr(packing, "available_cpus", lambda: 2)
+    assert packing.encode_processes(None, 1 << 40) == 1  # 2 cores: encode_batch's threads measured no slower
+    with pytest.raises(DataError, match=r"data\.num_proc=0 must be at least 1"):
+        packing.encode_processes(0, 10)
+
+
+def test_crash_mid_build_leaves_nothing_trusted(tmp_path, paragraphs, monkeypatch):
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs)
+    cache = tmp_path / "cache"
+    calls = []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C while encoding
+        return real(*args, **kwargs)
+
+    real = packing.encode_documents
+    monkeypatch.setattr(packing, "ENCODE_BATCH_BYTES", 5_000)
+    monkeypatch.setattr(packing, "encode_documents", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus(settings(src), cache)
+    assert [p.name for p in cache.iterdir()] == [".lock"]  # no entry, no temporary directory
+    # a build killed outright (no clean-up) leaves its temporary directory: never trusted, removed by the next
+    monkeypatch.setattr(packing, "encode_documents", real)
+    key = packing.cache_key([src], settings(src))
+    (cache / f"{key}.tmp-killed").mkdir()
+    (cache / f"{key}.tmp-killed" / "meta.json").write_text('{"complete": true}')
+    corpus = prepare_corpus(settings(src), cache)
+    assert corpus.report["cache"]["hit"] is False
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", key]
+
+
+def test_damaged_shard_is_rebuilt(tmp_path, paragraphs):
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs[:40])
+    first = prepare_corpus(settings(src), tmp_path / "cache")
+    with open(first.dir / "train-00000.bin", "r+b") as f:
+        f.truncate(10)
+    again = prepare_corpus(settings(src), tmp_path / "cache")
+    assert again.report["cache"]["hit"] is False and again.n_train == first.n_train
+
+
+def test_unreadable_input_is_a_one_line_error(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["x" * 100])
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "gone.jsonl")  # a directory listing names it
+    with pytest.raises(DataError, match=r"dangling\.jsonl: cannot be read \(No such file or directory\)"):
+        prepare_corpus(settings(tmp_path), tmp_path / "cache")
+
+
+def test_only_binary_files_is_an_error_naming_them(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tmp_path / "in" / "b.txt").write_text("")
+    with pytest.raises(DataError) as e:
+        prepare_corpus(settings(tmp_path / "in"), tmp_path / "cache")
+    assert str(e.value) == (
+        f"data.paths: no documents in {tmp_path / 'in'} (1 empty file; 1 skipped, e.g. {tmp_path / 'in' / 'a.txt'}: "
+        "binary file (NUL bytes))"
+    )
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]
+
+
+def test_unguarded_script_with_workers_falls_back_instead_of_hanging(tmp_path, paragraphs):
+    """spawn re-imports the calling script in each worker; without the ``__main__`` guard the workers die while
+    starting. The build must not hang: this process encodes instead, to the same result."""
+    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs[:100])
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from datamodules.packing import CorpusSettings, prepare_corpus\n"
+        f"s = CorpusSettings(paths=[{str(src)!r}], vocab_size=400, cleaning=[{{'name': 'whitespace'}}], num_proc=2)\n"
+        f"c = prepare_corpus(s, {str(tmp_path / 'cache')!r})\n"
+        "print('processes', c.report['packing']['encode_processes'], 'tokens', c.n_train + c.n_val)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "encoding in this process instead" in proc.stderr and "__main__" in proc.stderr
+    reference = prepare_corpus(
+        CorpusSettings(paths=[str(src)], vocab_size=400, cleaning=[{"name": "whitespace"}]), tmp_path / "ref"
+    )
+    assert proc.stdout.split() == ["processes", "1", "tokens", str(reference.n_train + reference.n_val)]

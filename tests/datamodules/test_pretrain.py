@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +23,8 @@ from datamodules.pretrain import PretrainDataModule
 from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
 
 SMALL = {"seq_len": 32, "batch_size": 4, "vocab_size": 512}
-CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DATA = ROOT / "conf" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +316,111 @@ def test_wrong_text_field(small_src, tmp_path):
 def test_bad_arguments(kw, match):
     with pytest.raises(DataError, match=match):
         PretrainDataModule(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# real corpora, as users have them: mixed scripts, encodings, line endings, compression, and junk
+
+SANGUO = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "sanguo_yanyi.jsonl"
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory) -> Path:
+    """English and Chinese text with byte-order marks, CRLF, invalid bytes, empty files, gzip, UTF-16, junk."""
+    if not SANGUO.is_file():
+        pytest.skip(f"{SANGUO} not available")
+    with open(SANGUO, encoding="utf-8") as f:
+        chapters = [json.loads(line)["text"] for _, line in zip(range(4), f)]
+    paras = [p for _, p in zip(range(400), read_file(EMBEDDED_CORPUS, split_paragraphs=True))]
+    d = tmp_path_factory.mktemp("mixed")
+    (d / "en").mkdir()
+    (d / "zh").mkdir()
+    (d / "junk").mkdir()
+    bom = b"\xef\xbb\xbf"
+    records = "".join(json.dumps({"text": p}) + "\n" for p in paras[:200])
+    (d / "en" / "emma.jsonl").write_bytes(bom + records.encode())
+    crlf = "\n\n".join(paras[200:350]).replace("\n", "\r\n")
+    (d / "en" / "emma-windows.txt.gz").write_bytes(gzip.compress(crlf.encode()))
+    latin1 = "\n\n".join(p.replace("e", "é") for p in paras[350:]).encode("latin-1", "replace")
+    (d / "en" / "latin1.txt").write_bytes(latin1)
+    (d / "zh" / "ch1.txt").write_bytes(bom + chapters[0].replace("\n", "\r\n").encode())
+    zh_records = "".join(json.dumps({"text": c}, ensure_ascii=False) + "\n" for c in chapters[1:3])
+    (d / "zh" / "ch2-3.jsonl.gz").write_bytes(gzip.compress(zh_records.encode()))
+    (d / "zh" / "ch4-notepad.txt").write_bytes(chapters[3].replace("\n", "\r\n").encode("utf-16"))
+    (d / "empty.txt").write_bytes(b"")
+    (d / "zh" / "empty.jsonl.gz").write_bytes(gzip.compress(b""))
+    (d / "junk" / "photo.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (d / "README.md").write_text("not a corpus file")
+    return d
+
+
+def test_mixed_real_corpora(mixed_dir, tmp_path):
+    dm = PretrainDataModule(
+        paths=[str(mixed_dir)], split_paragraphs=True, cache_dir=str(tmp_path), val_fraction=0.1, **SMALL
+    )
+    dm.prepare()
+    rep = dm.report
+    assert rep["sources"]["files"] == 8 and rep["sources"]["empty_files"] == 2
+    skipped = {Path(s["path"]).name: s["reason"] for s in rep["skipped_files"]}
+    assert skipped == {"README.md": "unsupported file type", "photo.txt": "binary file (NUL bytes)"}
+    assert rep["sources"]["skipped_files"] == 2
+    assert rep["invalid_utf8_replacements"] > 50  # the Latin-1 é
+    assert rep["documents"]["read"] > 400 and rep["documents"]["kept"] > 350
+    assert rep["rules"]["whitespace"]["changed"] > 150  # the CRLF documents, at least
+    assert rep["tokens"]["train"] > 10_000 and rep["tokens"]["val"] > 1000
+
+    text = dm.tokenizer.decode(np.asarray(dm.corpus.tokens("train")).tolist() + [0])
+    text += dm.tokenizer.decode(np.asarray(dm.corpus.tokens("val")).tolist())
+    assert "\r" not in text and "\ufeff" not in text and "\x00" not in text
+    assert "滚滚长江东逝水" in text  # the BOM+CRLF chapter
+    assert "Emma Woodhouse, handsome, clever, and rich" in text  # the BOM'd jsonl
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 32)
+    dm.save_artifacts(tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "data_report.json").read_text(encoding="utf-8"))
+    assert saved["sources"] == rep["sources"]
+
+
+def test_train_py_truncated_gzip_one_line_error_no_cache(tmp_path):
+    """As a user sees it: exit code 2, one `error:` line naming the file, no traceback, nothing cached."""
+    body = "".join(json.dumps({"text": f"Paragraph {i}: " + "some words " * 30}) + "\n" for i in range(3000))
+    full = gzip.compress(body.encode())
+    bad = tmp_path / "data" / "part.jsonl.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(full[: len(full) * 2 // 3])
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "data=text",
+            f"data.paths=[{bad.parent}]",
+            f"data.cache_dir={cache}",
+            "trainer.max_steps=2",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: cannot be read (truncated: the compressed stream ends early)"]
+    assert [p.name for p in cache.iterdir()] == [".lock"]
+
+
+def test_worker_processes_load_the_same_batches(small_src, tmp_path):
+    """DataLoader workers (which re-open the memory maps) give the batches of the main process, in order."""
+    dm = small_dm(small_src, tmp_path)
+    dm.prepare()
+    main = [b["input_ids"] for _, b in zip(range(5), dm.train_dataloader())]
+    dm_workers = small_dm(small_src, tmp_path, num_workers=2)
+    dm_workers.prepare()
+    loader = dm_workers.train_dataloader()
+    assert loader.num_workers == 2 and loader.pin_memory is torch.cuda.is_available()
+    it = iter(loader)
+    workers = [next(it)["input_ids"] for _ in range(5)]
+    it._shutdown_workers()  # now: persistent workers left prefetching stall whichever test collects them
+    assert all(torch.equal(a, b) for a, b in zip(main, workers))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from pathlib import Path
 
 import pytest
 
+from datamodules import sources
 from datamodules.sources import (
     EMBEDDED_CORPUS,
     DataError,
@@ -16,6 +18,7 @@ from datamodules.sources import (
     find_files,
     read_documents,
     read_file,
+    sniff,
 )
 
 
@@ -186,3 +189,105 @@ def test_embedded_corpus_reads():
     docs = list(read_file(EMBEDDED_CORPUS))
     assert len(docs) == 6
     assert docs[0].startswith("EMMA")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what is not text, and what is barely text
+
+
+@pytest.mark.parametrize(
+    "name, data, reason",
+    [
+        ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, "binary file (NUL bytes)"),
+        ("noise.txt", bytes((i * 7919 + 13) % 255 + 1 for i in range(4000)), "binary or not UTF-8"),  # no NUL
+        ("cyrillic.jsonl", '{"text": "Привет, как дела? Всё хорошо."}\n'.encode("cp1251") * 20, "not UTF-8"),
+        ("blob.txt", gzip.compress(b"x" * 1000) * 3, "binary"),
+    ],
+)
+def test_binary_and_legacy_encoded_files_are_skipped_with_the_reason(tmp_path, name, data, reason):
+    good = write(tmp_path / "good.txt", "Some real text.")
+    bad = write(tmp_path / name, data)
+    stats = SourceStats()
+    assert list(read_documents([good, bad], stats=stats)) == ["Some real text."]
+    assert stats.files == 1 and stats.documents == 1
+    assert len(stats.skipped_files) == 1 and stats.skipped_files[0]["path"] == str(bad)
+    assert reason in stats.skipped_files[0]["reason"]
+
+
+def test_a_few_invalid_bytes_are_replaced_not_skipped(tmp_path):
+    p = write(tmp_path / "latin1.txt", "Café naïve résumé, in Latin-1. ".encode("latin-1") * 20)
+    stats = SourceStats()
+    (doc,) = read_file(p, stats=stats)
+    assert doc.startswith("Caf\ufffd na\ufffdve r\ufffdsum\ufffd") and stats.invalid_utf8_replacements == 80
+    assert stats.skipped_files == []
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_with_bom_are_decoded(tmp_path, encoding):
+    raw = "Hello 中文\r\n\r\nSecond".encode(encoding)
+    if encoding == "utf-16-be":
+        raw = b"\xfe\xff" + raw
+    p = write(tmp_path / "a.txt", raw)
+    assert docs_of([p], split_paragraphs=True) == ["Hello 中文\r\n", "Second"]
+
+
+def test_truncated_gzip_is_a_one_line_error_naming_the_file(tmp_path):
+    body = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(2000)).encode()
+    full = gzip.compress(body)
+    p = write(tmp_path / "cut.jsonl.gz", full[: len(full) // 2])
+    with pytest.raises(DataError) as e:
+        docs_of([p])
+    assert str(e.value) == f"{p}: cannot be read (truncated: the compressed stream ends early)"
+
+
+def test_empty_files_are_counted(tmp_path):
+    a = write(tmp_path / "a.txt", "")
+    b = write(tmp_path / "b.jsonl", "\n\n", gz=True)
+    c = write(tmp_path / "c.json", "[]")
+    d = write(tmp_path / "d.txt", "text")
+    stats = SourceStats()
+    assert list(read_documents([a, b, c, d], stats=stats)) == ["text"]
+    assert stats.empty_files == 3 and stats.files == 4
+
+
+def test_reading_streams(tmp_path):
+    """The first document comes out long before the file is read: memory holds a document, not a file."""
+    lines = "".join(json.dumps({"text": f"line {i} " * 10}) + "\n" for i in range(20_000))
+    p = write(tmp_path / "big.jsonl", lines)
+    stats = SourceStats()
+    docs = read_file(p, stats=stats)
+    next(docs)
+    assert 0 < stats.disk_bytes < p.stat().st_size / 10
+    assert sum(1 for _ in docs) == 19_999 and stats.disk_bytes == p.stat().st_size
+
+
+def test_json_list_is_streamed_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "JSON_CHUNK_CHARS", 7)  # elements, numbers and strings cut across chunks
+    records = [{"text": "a" * 30}, {"text": "b", "n": 123456789}, "plain string", {"text": "中文 \\u00e9"}]
+    p = write(tmp_path / "a.json", " [\n" + ",\n".join(json.dumps(r) for r in records) + "\n] \n")
+    assert docs_of([p]) == ["a" * 30, "b", "plain string", "中文 \\u00e9"]
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ('[{"text": "a"}, {"text": tru}]', r"invalid JSON \(Expecting value in element 1\)"),
+        ('[{"text": "a"},]', r"trailing comma after element 0"),
+        ('[{"text": "a"}', r"the list ends after 1 elements without '\]'"),
+        ('[{"text": "a"}] x', r"extra data after the list"),
+        ('{"text": ', r"invalid JSON \(Expecting value at line 1\)"),
+    ],
+)
+def test_invalid_json_names_file_and_element(tmp_path, body, match):
+    p = write(tmp_path / "a.json", body)
+    with pytest.raises(DataError, match=match) as e:
+        docs_of([p])
+    assert str(e.value).startswith(f"{p}: ") and "\n" not in str(e.value)
+
+
+def test_sniff():
+    assert sniff(b"plain text\n") == ("utf-8-sig", None)
+    assert sniff(b"") == ("utf-8-sig", None)
+    assert sniff(codecs.BOM_UTF16_LE + "hi".encode("utf-16-le")) == ("utf-16", None)
+    assert sniff("中文".encode()[:-1]) == ("utf-8-sig", None)  # a character cut by the sniff window is fine
+    assert sniff(b"a\x00b")[1] == "binary file (NUL bytes)"

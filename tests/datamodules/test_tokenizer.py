@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
 from datamodules.tokenizer import load_tokenizer, special_ids, train_tokenizer
@@ -119,3 +119,31 @@ def test_loaded_without_eos_is_an_error(tmp_path):
     tok.save(str(p))
     with pytest.raises(DataError, match="no end-of-sequence token"):
         load_tokenizer(p)
+
+
+def test_hugging_face_model_directory(tmp_path, english):
+    """``data.tokenizer`` may name a Hugging Face model directory: its tokenizer.json is used, Llama's
+    ``<s>``/``</s>`` serve as BOS/EOS (no pad token: EOS pads)."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(english[:200], trainer=trainer)
+    hf_dir = tmp_path / "hf-model"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(hf_dir)
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 400}))
+    loaded = load_tokenizer(hf_dir)
+    assert special_ids(loaded) == (1, 2, 2)
+    text = "Emma Woodhouse 中文 🙂"
+    assert loaded.decode(loaded.encode(text).ids) == text
+
+
+def test_directory_without_tokenizer_json(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=rf"data\.tokenizer={tmp_path}: the directory has no tokenizer\.json") as e:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(e.value)
