@@ -7,6 +7,7 @@ final validation of the best checkpoint. Returns the validation loss, so Hydra s
 from __future__ import annotations
 
 import sys
+import time
 
 import hydra
 import lightning as L
@@ -16,16 +17,26 @@ from omegaconf import DictConfig
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.resilience import TrainingDiverged
 from datamodules.sources import DataError
-from llm import evaluate, plan, schema, tasks
-from llm.builders import best_checkpoint, build, build_all, check_resume, resolve_ckpt_path, resolve_precision
+from llm import evaluate, launch, plan, schema, tasks
+from llm.builders import (
+    best_checkpoint,
+    build,
+    build_all,
+    check_resume,
+    resolve_accumulation,
+    resolve_ckpt_path,
+    resolve_precision,
+)
 from llm.errors import UserError
 
 schema.register()
+launch.install()  # DDP/FSDP children run this job once, in this run directory (also in a sweep)
 
 
 def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     resolve_precision(cfg)  # before the planner, so that it and the Trainer see the same precision
+    resolve_accumulation(cfg)
     init = tasks.load_init(cfg)  # init_from: weights, model shape (set into cfg.model) and tokenizer; or None
     if cfg.plan.check and cfg.task != "eval":  # refuse a run that cannot fit (python -m llm.plan shows the table)
         plan.check(plan.plan_from_config(cfg))
@@ -59,16 +70,35 @@ def train(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    """Runs one job. A user's mistake ends it with one line (exit 2); in a `-m` sweep any failing job is recorded
+    in its `status.json` and the sweep goes on to the next job."""
+    start = time.time()
     try:
-        return train(cfg)
-    except (UserError, DataError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+        with launch.job_scope():
+            val_loss = train(cfg)
+    except Exception as err:  # noqa: BLE001 - classified just below
+        message = user_error_message(err)
+        launch.write_status(
+            cfg.run_dir, "failed", error=message or f"{type(err).__name__}: {err}", wall_s=time.time() - start
+        )
+        if launch.in_sweep():
+            print(f"error: {message or repr(err)} (job recorded as failed; the sweep continues)", file=sys.stderr)
+            return float("nan")
+        if message is None:
+            raise  # a bug, not a user's mistake: keep the traceback
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except InstantiationException as err:  # a constructor refused a configured value
-        if not isinstance(err.__cause__, (ValueError, TypeError)):
-            raise
-        print(f"error: {err.__cause__}", file=sys.stderr)
-        sys.exit(2)
+    launch.write_status(cfg.run_dir, "ok", val_loss=val_loss, wall_s=time.time() - start)
+    return val_loss
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message of a user's mistake (a wrong value, a bad file, a diverged run), else None."""
+    if isinstance(err, (UserError, DataError, TrainingDiverged)):
+        return str(err)
+    if isinstance(err, InstantiationException) and isinstance(err.__cause__, (ValueError, TypeError)):
+        return str(err.__cause__)  # a constructor refused a configured value
+    return None
 
 
 if __name__ == "__main__":

@@ -62,6 +62,29 @@ def resolve_precision(cfg: DictConfig) -> None:
         cfg.trainer.precision = fastest_precision(str(cfg.trainer.get("accelerator", "auto")))
 
 
+def world_size(trainer: DictConfig) -> int:
+    """Processes of the run: devices per node (a number, a list, or auto/-1 for all GPUs) times nodes."""
+    devices = trainer.get("devices", 1)
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if devices in ("auto", -1, "-1"):
+        on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        devices = max(1, torch.cuda.device_count()) if on_gpu else 1
+    elif not isinstance(devices, (int, str)):
+        devices = len(devices)
+    return int(devices) * int(trainer.get("num_nodes", 1) or 1)
+
+
+def resolve_accumulation(cfg: DictConfig) -> None:
+    """``data.global_batch_size`` (samples per optimizer step) sets ``trainer.accumulate_grad_batches``."""
+    target = cfg.data.get("global_batch_size")
+    if not target:
+        return
+    per_step = int(cfg.data.batch_size) * world_size(cfg.trainer)
+    if target % per_step:
+        raise UserError(f"data.global_batch_size={target} is not a multiple of data.batch_size x devices = {per_step}")
+    cfg.trainer.accumulate_grad_batches = target // per_step
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     """``last`` means <run_dir>/checkpoints/last.ckpt; when there is none yet the run starts fresh."""
     if ckpt_path is None:

@@ -87,3 +87,26 @@ def job_scope() -> Iterator[None]:
                 dist.destroy_process_group()
             for key in set(os.environ) - set(before):
                 del os.environ[key]
+
+
+def in_sweep() -> bool:
+    """Whether this job is one of a Hydra multirun (`python train.py -m ...`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def write_status(run_dir: str, status: str, **fields: object) -> None:
+    """`<run_dir>/status.json`: how the job ended (read by `python -m llm.runs`); written by the first process only."""
+    import json
+    from pathlib import Path
+
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    try:
+        path = Path(run_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "status.json").write_text(json.dumps({"status": status, **fields}, indent=1, default=str))
+    except OSError:
+        pass  # the run's outcome is already on the console; a read-only directory must not hide it

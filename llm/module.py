@@ -1,8 +1,13 @@
-"""LightningModules: the causal language model (pretraining and finetuning).
+"""LightningModules: the causal language model (pretraining, finetuning) and the sequence classifier.
 
-The module holds the Transformer and the loss; everything about scale (strategy, precision, devices) is
-the Trainer's business. The model is built in ``configure_model`` from a plain config dict, so that under
+Both hold a Transformer and add a loss; everything about scale (strategy, precision, devices) is the
+Trainer's business. The Transformer is built in ``configure_model`` from a plain config dict, so that under
 FSDP Lightning can build it on the meta device, and so that a checkpoint's hyper-parameters rebuild it.
+Weights to start from (``init_from``) are loaded by ``load_weights`` after building.
+
+Every checkpoint carries what is needed to use it alone: the tokenizer (``tokenizer``), the chat template of a
+finetuned model (``chat_template``: Jinja for Hugging Face, ``chat_format``: ours, see datamodules/sft.py) and
+the classifier's labels (in ``hyper_parameters``).
 """
 
 from __future__ import annotations
@@ -11,15 +16,20 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from llm import parallelize
 from llm.config import ModelConfig
 from llm.model import Transformer
 
 IGNORE_INDEX = -100
+CHECKPOINT_EXTRAS = ("special_tokens", "hf_tokenizer_config")  # a converted checkpoint's, carried along
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -29,7 +39,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     its complexity). The token embedding is not decayed either: decoupled decay shrinks every row at every
     step, while a rare token's row only receives gradient when the token occurs, so decay would steadily
     erase rare tokens (OLMo 2 drops embedding decay for the same reason). With tied embeddings the output
-    head is that same tensor and follows the same choice.
+    head is that same tensor and follows the same choice. Frozen parameters are left out.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay, seen = [], [], set()
@@ -41,8 +51,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class CausalLM(L.LightningModule):
-    """Next-token prediction with cross-entropy that ignores ``IGNORE_INDEX`` labels (padding, prompts).
+class TransformerModule(L.LightningModule):
+    """What both tasks share: the Transformer, the optimizer and schedule, and what travels in the checkpoint.
 
     Args:
         model: a ``ModelConfig`` as a dict (its ``vocab_size`` already set from the tokenizer).
@@ -57,21 +67,77 @@ class CausalLM(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.config = ModelConfig.from_dict(model)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.model: Transformer | None = None
+        self._parallelized = False
         # the tokenizer travels inside every checkpoint, so a .ckpt alone can be converted, generated from, finetuned
         self.tokenizer_json: str | None = None
-        self.val_loss = MeanMetric()
-        self.val_acc = MulticlassAccuracy(
-            num_classes=self.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
-        )
+        self.chat_format: str | None = None  # our template string (datamodules.sft.ChatTemplate)
+        self.chat_template: str | None = None  # the same as Jinja, for Hugging Face's tokenizer_config.json
+        self.checkpoint_extras: dict[str, Any] = {}
 
     def configure_model(self) -> None:
         if self.model is None:  # idempotent: Lightning may call it again when restoring
             self.model = Transformer(self.config)
+        if self._trainer is not None and not self._parallelized:  # compile / FSDP, applied from outside the model
+            parallelize.apply(self.model, self.config, self.trainer.strategy)
+            self._parallelized = True
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a Transformer state dict (names without the ``model.`` prefix, shapes checked) into the model."""
+        self.configure_model()
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (k == "output.weight" and self.config.tie_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer_json is not None:
+            checkpoint["tokenizer"] = self.tokenizer_json
+        if self.chat_format is not None:
+            checkpoint["chat_format"] = self.chat_format
+        if self.chat_template is not None:
+            checkpoint["chat_template"] = self.chat_template
+        checkpoint.update(self.checkpoint_extras)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
+        self.chat_format = checkpoint.get("chat_format", self.chat_format)
+        self.chat_template = checkpoint.get("chat_template", self.chat_template)
+        self.checkpoint_extras.update({k: checkpoint[k] for k in CHECKPOINT_EXTRAS if k in checkpoint})
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.optimizer_factory is None:
+            raise ValueError(f"{type(self).__name__} needs an optimizer to train (conf/optim)")
+        groups = param_groups(self, self.optimizer_factory.keywords.get("weight_decay", 0.0))
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer, max_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class CausalLM(TransformerModule):
+    """Next-token prediction with cross-entropy that ignores ``IGNORE_INDEX`` labels (padding, prompts).
+
+    Batches are ``{"input_ids", "labels"}`` of shape (B, T), labels already shifted (label t is token t + 1).
+    Arguments as in :class:`TransformerModule`.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(
+            num_classes=self.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
+        )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -104,19 +170,138 @@ class CausalLM(L.LightningModule):
         self.val_loss.reset()
         self.val_acc.reset()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.tokenizer_json is not None:
-            checkpoint["tokenizer"] = self.tokenizer_json
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
+class ClassifierHead(nn.Linear):
+    """Linear (C -> n_classes) drawn from N(0, std), bias 0; see llm.model.Linear for why std is kept."""
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        if self.optimizer_factory is None:
-            raise ValueError("CausalLM needs an optimizer to train (conf/optim)")
-        groups = param_groups(self.model, self.optimizer_factory.keywords.get("weight_decay", 0.0))
-        optimizer = self.optimizer_factory(groups)
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer, max_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def __init__(self, in_features: int, n_classes: int, std: float) -> None:
+        self.std = std
+        super().__init__(in_features, n_classes)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        nn.init.zeros_(self.bias)
+
+
+class SequenceClassifier(TransformerModule):
+    """A label per text, read from the final hidden state of its last real (non-padding) token.
+
+    Under causal attention that token has seen the whole text and, with right padding, no padding: no mask is
+    needed. The language-model head is kept (the checkpoint stays a complete Transformer, which ``llm.convert``
+    and ``llm.generate`` accept) but not used; untied, it is frozen.
+
+    Batches are ``{"input_ids" (B, T), "lengths" (B,), "labels" (B,)}`` (datamodules/classify.py).
+
+    Args:
+        model: a ``ModelConfig`` as a dict.
+        labels: the class names, in class-index order (saved with the checkpoint).
+        label_smoothing: of the training loss (the validation loss is plain cross-entropy).
+        optimizer, scheduler: as in :class:`TransformerModule`.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        labels: list[str],
+        label_smoothing: float = 0.0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler)
+        labels = [str(label) for label in labels]
+        if len(labels) < 2:
+            raise ValueError(f"a classifier needs at least 2 labels, got {labels}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.labels = labels
+        self.label_smoothing = float(label_smoothing)
+        self.head: ClassifierHead | None = None
+        self.dropout = nn.Dropout(self.config.dropout)
+        n = len(labels)
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.val_confusion = MulticlassConfusionMatrix(num_classes=n)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.head is None:
+            self.head = ClassifierHead(self.config.dim, len(self.labels), std=self.config.init_std)
+            if not self.config.tie_embeddings:
+                self.model.output.weight.requires_grad_(False)  # unused: DDP must not wait for its gradient
+
+    def load_head(self, state: dict[str, torch.Tensor]) -> None:
+        self.configure_model()
+        self.head.load_state_dict(state)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) right-padded, lengths (B,) -> logits (B, n_classes)."""
+        h = self.model.hidden(input_ids)  # (B, T, C)
+        last = h[torch.arange(h.size(0), device=h.device), lengths - 1]  # (B, C)
+        return self.head(self.dropout(last))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["lengths"])
+        loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(-1) == batch["labels"]).float().mean())
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["lengths"])
+        labels = batch["labels"]
+        self.val_loss.update(F.cross_entropy(logits.float(), labels), weight=labels.numel())
+        self.val_acc.update(logits, labels)
+        self.val_f1.update(logits, labels)
+        self.val_confusion.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(
+            {"val/loss": self.val_loss.compute(), "val/acc": self.val_acc.compute(), "val/f1": self.val_f1.compute()},
+            prog_bar=True,
+            sync_dist=False,  # torchmetrics already reduced across ranks
+        )
+        confusion = self.val_confusion.compute()
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    log_confusion(logger, "val/confusion", confusion, self.labels, self.global_step)
+        for metric in (self.val_loss, self.val_acc, self.val_f1, self.val_confusion):
+            metric.reset()
+
+
+# ------------------------------------------------------------------------------------------- confusion matrix
+
+
+def confusion_image(matrix: torch.Tensor, max_size: int = 512) -> torch.Tensor:
+    """A confusion matrix (rows: true label, columns: predicted) as an RGB image (3, H, W) uint8.
+
+    One square per cell, shaded by the fraction of its row: the diagonal from white to green (right), the
+    rest from white to red (wrong); grey lines between cells. Drawn with numpy alone (no plotting library).
+    """
+    counts = matrix.detach().float().cpu().numpy()
+    n = counts.shape[0]
+    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)  # (n, n)
+    white, green, red = np.array([255.0, 255, 255]), np.array([0.0, 109, 44]), np.array([165.0, 15, 21])
+    target = np.where(np.eye(n, dtype=bool)[..., None], green, red)  # (n, n, 3)
+    colors = white + frac[..., None] * (target - white)
+    cell = int(max(4, min(32, (max_size - n - 1) // n)))
+    cells = np.repeat(np.repeat(colors, cell, axis=0), cell, axis=1)  # (n*cell, n*cell, 3)
+    size = n * (cell + 1) + 1
+    img = np.full((size, size, 3), 160.0)
+    inner = (np.arange(n * cell) // cell) + 1 + np.arange(n * cell)  # pixel of each cell pixel, past the lines
+    img[np.ix_(inner, inner)] = cells
+    return torch.from_numpy(img.round().astype(np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def confusion_markdown(matrix: torch.Tensor, labels: list[str]) -> str:
+    """The counts as a markdown table (TensorBoard's text tab renders it), rows true, columns predicted."""
+    rows = matrix.detach().cpu().long().tolist()
+    head = "| true \\ predicted | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n"
+    return head + "\n".join(f"| {label} | " + " | ".join(map(str, r)) + " |" for label, r in zip(labels, rows))
+
+
+def log_confusion(logger: TensorBoardLogger, tag: str, matrix: torch.Tensor, labels: list[str], step: int) -> None:
+    logger.experiment.add_image(tag, confusion_image(matrix), step)
+    logger.experiment.add_text(tag, confusion_markdown(matrix, labels), step)
