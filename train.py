@@ -6,6 +6,7 @@ final validation of the best checkpoint. Returns the validation loss, so Hydra s
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -83,7 +84,7 @@ def main(cfg: DictConfig) -> float:
         )
         if launch.in_sweep():
             print(f"error: {message or repr(err)} (job recorded as failed; the sweep continues)", file=sys.stderr)
-            return float("nan")
+            return math.inf  # worst for any sweeper that minimises; Optuna's sweeper refuses NaN
         if message is None:
             raise  # a bug, not a user's mistake: keep the traceback
         print(f"error: {message}", file=sys.stderr)

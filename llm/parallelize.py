@@ -36,6 +36,11 @@ def apply(model: nn.Module, cfg: ModelConfig, strategy: Any | None) -> nn.Module
             block.compile()  # in place (names unchanged), per block: small graphs, compiled once, reused n_layers times
     if fsdp is not None:
         apply_fsdp(model, fsdp.device_mesh["data_parallel"], fsdp.mp_policy(), fsdp.reshard_after_forward)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            # Materialise the shards here rather than let Lightning do it: Lightning calls `to_empty` on the whole
+            # LightningModule, which also empties the torchmetrics states (val/loss became garbage).
+            model.to_empty(device=fsdp.root_device)
+            model.init_weights()  # reset_parameters of every module, on the local shards; re-ties the head
     return model
 
 

@@ -108,6 +108,9 @@ def test_fsdp_sharded_checkpoint_resumes(tmp_path, data_cache):
     proc = run(run_dir, data_cache, *fsdp, "trainer.max_steps=6", "ckpt_path=last")
     assert "Restored all states" in proc.stdout + proc.stderr
     assert torch.load(run_dir / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)["global_step"] == 6
+    # built on the meta device and materialised shard by shard: a sane initial loss (about ln(vocab)), finite after
+    val = losses(run_dir, "val/loss")
+    assert 5.0 < val[0] < 7.0 and all(0 < v < 10 for v in val.values()), val
 
 
 def test_multirun_of_fsdp_jobs_runs_each_job_once(tmp_path, data_cache):
