@@ -1,0 +1,108 @@
+"""The LightningModules: pooling of the classifier, what a checkpoint carries, optimizer groups, confusion image."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from llm.config import ModelConfig
+from llm.module import CausalLM, SequenceClassifier, confusion_image, confusion_markdown, log_confusion, param_groups
+
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64, max_seq_len=32)
+LABELS = ["neg", "pos", "zzz"]
+
+
+def classifier(**kw) -> SequenceClassifier:
+    torch.manual_seed(0)
+    module = SequenceClassifier(CFG.to_dict(), labels=LABELS, **kw)
+    module.configure_model()
+    return module.eval()
+
+
+def test_classifier_reads_the_last_real_token():
+    """Right padding changes nothing: each row's logits equal those of the row alone, unpadded."""
+    module = classifier()
+    rows = [torch.randint(3, 64, (n,)) for n in (5, 9, 2)]
+    padded = torch.full((3, 9), 2, dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = r
+    lengths = torch.tensor([len(r) for r in rows])
+    with torch.no_grad():
+        batched = module(padded, lengths)
+        alone = torch.cat([module(r[None], torch.tensor([len(r)])) for r in rows])
+        pooled = module.model.hidden(rows[0][None])[0, -1]
+        by_hand = module.head(pooled)
+    assert batched.shape == (3, len(LABELS))
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[0], by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_checkpoint_carries_labels_and_tokenizer():
+    module = classifier(label_smoothing=0.1)
+    module.tokenizer_json = '{"tok": 1}'
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert module.hparams["labels"] == LABELS and module.hparams["label_smoothing"] == 0.1
+    assert ckpt["tokenizer"] == '{"tok": 1}' and "chat_template" not in ckpt
+    assert {"head.weight", "head.bias", "model.tok_embeddings.weight"} <= set(ckpt["state_dict"])
+    restored = SequenceClassifier(**module.hparams)
+    restored.configure_model()
+    restored.load_state_dict(ckpt["state_dict"])
+    restored.on_load_checkpoint(ckpt)
+    assert restored.labels == LABELS and restored.tokenizer_json == '{"tok": 1}'
+
+
+def test_causal_lm_checkpoint_carries_chat_template_and_extras():
+    module = CausalLM(CFG.to_dict())
+    module.chat_format, module.chat_template = "<|{role}|>\n{content}\n", "{{ bos_token }}..."
+    module.checkpoint_extras = {"special_tokens": {"eos": 1, "eos_ids": [1, 5]}}
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["chat_template"] == "{{ bos_token }}..." and ckpt["chat_format"] == "<|{role}|>\n{content}\n"
+    assert ckpt["special_tokens"]["eos_ids"] == [1, 5]
+    other = CausalLM(CFG.to_dict())
+    other.on_load_checkpoint(ckpt)
+    assert other.chat_format == module.chat_format and other.checkpoint_extras == module.checkpoint_extras
+
+
+def test_load_weights_copies_a_transformer():
+    source = CausalLM(CFG.to_dict())
+    source.configure_model()
+    module = classifier()
+    module.load_weights(source.model.state_dict())
+    for name, t in source.model.state_dict().items():
+        assert torch.equal(module.model.state_dict()[name], t), name
+
+
+def test_untied_lm_head_is_frozen_and_left_out_of_the_optimizer():
+    cfg = ModelConfig(**{**CFG.to_dict(), "tie_embeddings": False})
+    module = SequenceClassifier(cfg.to_dict(), labels=LABELS)
+    module.configure_model()
+    params = [p for g in param_groups(module, 0.1) for p in g["params"]]
+    ids = {id(p) for p in params}
+    assert id(module.model.output.weight) not in ids
+    assert id(module.head.weight) in ids and id(module.head.bias) in ids
+    decayed = {id(p) for p in param_groups(module, 0.1)[0]["params"]}
+    assert id(module.head.weight) in decayed and id(module.head.bias) not in decayed
+
+
+def test_confusion_image(tmp_path):
+    matrix = torch.tensor([[3, 1, 0], [0, 0, 0], [2, 0, 2]])
+    img = confusion_image(matrix)
+    assert img.dtype == torch.uint8 and img.shape[0] == 3 and img.shape[1] == img.shape[2]
+    cell = (img.shape[1] - 4) // 3
+
+    def color(i, j):  # the centre of cell (row i, column j)
+        y, x = 1 + i * (cell + 1) + cell // 2, 1 + j * (cell + 1) + cell // 2
+        return img[:, y, x].tolist()
+
+    assert color(1, 1) == [255, 255, 255]  # an empty row stays white
+    assert color(0, 2) == [255, 255, 255]
+    g, r = color(0, 0), color(2, 0)  # 3/4 right (green), 2/4 wrong (red)
+    assert g[1] > g[0] and g[1] > g[2] and r[0] > r[1] and r[0] > r[2]
+    assert img[:, 0, :].float().mean() == 160  # grid line
+    table = confusion_markdown(matrix, LABELS)
+    assert "| zzz | 2 | 0 | 2 |" in table
+    logger = TensorBoardLogger(tmp_path, name="tb", version="")
+    log_confusion(logger, "val/confusion", matrix, LABELS, 0)
+    logger.finalize("success")
