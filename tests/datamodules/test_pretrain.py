@@ -321,7 +321,7 @@ def test_bad_arguments(kw, match):
 # ---------------------------------------------------------------------------------------------------------
 # real corpora, as users have them: mixed scripts, encodings, line endings, compression, and junk
 
-SANGUO = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "sanguo_yanyi.jsonl"
+SANGUO = Path(__file__).resolve().parents[1] / "data" / "sanguo_yanyi_sample.jsonl"  # six chapters, see tests/data
 
 
 @pytest.fixture(scope="module")

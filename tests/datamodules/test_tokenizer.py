@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
 from datamodules.tokenizer import load_tokenizer, special_ids, train_tokenizer
 
-SANGUO = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "sanguo_yanyi.jsonl"
+SANGUO = Path(__file__).resolve().parents[1] / "data" / "sanguo_yanyi_sample.jsonl"  # six chapters, see tests/data
 
 
 @pytest.fixture(scope="module")
