@@ -1,0 +1,366 @@
+"""Training throughput on one GPU: the `1b` config and a 7b-width model, under trainer=fsdp and trainer=gpu.
+
+    python bench/gpu.py [--runs 1b:fsdp 1b:gpu 7b:fsdp 7b:gpu] [--seq-len 2048] [--batch 1] [--steps 10 --warmup 3]
+                        [--layers N] [--no-compile] [--sdpa] [--out results.json] [--set KEY=VALUE ...]
+    python bench/gpu.py --device cpu --tiny        # the same code paths on the CPU, on a tiny model, in a minute
+
+A run is MODEL:TRAINER. MODEL ``1b`` is conf/model/1b.yaml; ``7b`` is conf/model/7b.yaml's width (dim 4096, ffn
+11008, 32 heads, vocabulary 32000) with as many layers as the memory planner (llm/plan.py) says fit in 90% of the
+device's memory for that trainer (``--layers`` to choose). TRAINER ``fsdp`` is trainer=fsdp on one device (FSDP2,
+bf16 compute / fp32 reduce) with activation checkpointing; ``gpu`` is trainer=gpu (one device, bf16-mixed
+autocast; it has no activation checkpointing). Both: bf16, ``model.compile=true`` (each block compiled), data=corpus
+(the embedded corpus, its tokenizer; the model keeps its own vocabulary size), ``data.seq_len`` 2048, no validation.
+
+Each run is a process of its own (a fresh allocator, so its peak memory is its own; one that fails, out of memory
+for example, is reported and the next one runs) that trains through lightning.Trainer with our CausalLM and
+PretrainDataModule, no callbacks or loggers, for ``warmup + steps`` steps, and times the ``steps`` after the warm-up
+(compilation happens there) between two device synchronisations. Prints tokens/s, MFU (model FLOPs per token from
+llm.flops, recomputation excluded, against the device's dense bf16 peak from llm.hardware), the peak of
+torch.cuda.max_memory_allocated next to the planner's estimate, and the first step's time (mostly compilation).
+
+``--sdpa`` first times scaled_dot_product_attention (forward + backward, causal, bf16) at each model's attention
+shape with every backend the GPU accepts (flash, memory-efficient, cuDNN, math), with grouped-query heads passed as
+``enable_gqa`` and as repeated key/value heads, so the kernel the model gets (it passes ``enable_gqa``) is seen.
+``--device cpu --tiny`` replaces 1b by `tiny` and the 7b width by tiny's (layers by the planner in
+``--memory-gb``, 1 by default), with ``trainer.accelerator=cpu``, a short sequence and few steps: it runs every code
+path above except CUDA's, and is what the test suite can run. Results also go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODELS = ("1b", "7b")
+TRAINERS = ("fsdp", "gpu")
+FIT_FRACTION = 0.9  # of device memory the planner may fill when choosing the 7b-width layer count
+
+
+# --------------------------------------------------------------------------------------------------- one run
+
+
+def overrides_of(run: dict[str, Any]) -> list[str]:
+    """train.py overrides of one run (without the 7b-width layer count)."""
+    model, trainer = run["model"], run["trainer"]
+    out = [f"model={'tiny' if run['tiny'] else model}"]
+    if trainer == "fsdp":
+        out += ["trainer=fsdp", "trainer.devices=1", "trainer.strategy.activation_checkpointing=true"]
+    else:
+        out += ["trainer=gpu"]
+    if run["device"] == "cpu":
+        out += ["trainer.accelerator=cpu"]
+    out += [
+        "trainer.precision=bf16-mixed",
+        f"model.compile={str(run['compile']).lower()}",
+        f"data.seq_len={run['seq_len']}",
+        f"data.batch_size={run['batch']}",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "plan.check=false",  # the planner's verdict is printed next to the measurement instead
+    ]
+    if run["tiny"]:
+        out += [f"model.max_seq_len={max(run['seq_len'], 256)}"]
+    return [*out, *run["set"]]
+
+
+def fitting_layers(run: dict[str, Any], vocab_size: int, memory: int) -> int:
+    """The most layers of the 7b width (tiny's with --tiny) whose planned peak fits FIT_FRACTION of `memory`."""
+    from llm import plan
+
+    base = overrides_of(run)
+    best = 0
+    for layers in range(1, run["max_layers"] + 1):
+        cfg = plan.compose([*base, f"model.n_layers={layers}", f"plan.device_memory_gb={memory / 1e9}"])
+        if plan.plan_from_config(cfg, vocab_size=vocab_size).total > FIT_FRACTION * memory:
+            break
+        best = layers
+    if best == 0:
+        raise SystemExit(f"error: not even one layer of {run['model']} fits {memory / 1e9:.1f} GB by the planner")
+    return best
+
+
+def child(run: dict[str, Any]) -> dict[str, Any]:
+    """Train one run in this process and measure it."""
+    import lightning as L
+    import torch
+    from omegaconf import open_dict
+
+    from llm import plan, tasks
+    from llm.builders import build
+    from llm.flops import count_params, flops_per_token
+    from llm.hardware import device_memory_bytes, peak_flops, peak_memory_bytes
+
+    on_gpu = run["device"] == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("error: no GPU visible (use --device cpu --tiny to exercise the script on the CPU)")
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    memory = int(run["memory_gb"] * 1e9) if run["memory_gb"] else device_memory_bytes(device)
+    root = Path(__file__).resolve().parents[1]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = plan.compose([*overrides_of(run), f"plan.device_memory_gb={memory / 1e9}"])
+        with open_dict(cfg):
+            cfg.run_dir = tmp
+            cfg.data.cache_dir = (
+                str(root / cfg.data.cache_dir) if not Path(cfg.data.cache_dir).is_absolute() else cfg.data.cache_dir
+            )
+        dm = tasks.build_datamodule(cfg, None)
+        dm.prepare()
+        layers = run["layers"]
+        if run["model"] == "7b" and layers is None:
+            layers = fitting_layers(run, dm.vocab_size, memory)
+        if layers is not None:
+            cfg.model.n_layers = layers
+        planned = plan.plan_from_config(cfg, vocab_size=dm.vocab_size)
+        model_cfg = tasks.model_config(cfg, dm, None)
+
+        marks: dict[str, float] = {}
+        steps, warmup = run["steps"], run["warmup"]
+
+        def sync_time() -> float:
+            if on_gpu:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        class Timer(L.Callback):
+            """The clock (after a device synchronisation) at the fit's start, after the first step, and around
+            the measured steps; nothing on the other steps, so the loop runs as it would."""
+
+            def on_train_start(self, trainer, pl_module):
+                marks["start"] = sync_time()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, idx):
+                if idx == 0:
+                    marks["first"] = sync_time()
+                if idx == warmup - 1:
+                    marks["begin"] = sync_time()
+                if idx == warmup + steps - 1:
+                    marks["end"] = sync_time()
+
+        with open_dict(cfg):
+            cfg.trainer.max_steps = warmup + steps
+        trainer: L.Trainer = build(
+            cfg.trainer,
+            "trainer",
+            callbacks=[Timer()],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = tasks.build_module(cfg, dm)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        trainer.fit(module, datamodule=dm)
+
+    seconds = marks["end"] - marks["begin"]
+    tokens_per_step = run["batch"] * run["seq_len"] * int(cfg.trainer.accumulate_grad_batches or 1)
+    tokens_per_sec = steps * tokens_per_step / seconds
+    fpt = flops_per_token(model_cfg, run["seq_len"])
+    peak = peak_flops(device, "bf16-mixed")
+    return {
+        **run,
+        "layers": model_cfg.n_layers,
+        "params": count_params(model_cfg),
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+        "torch": torch.__version__,
+        "tokens_per_sec": tokens_per_sec,
+        "seconds_per_step": seconds / steps,
+        "first_step_s": marks["first"] - marks["start"],
+        "flops_per_token": fpt,
+        "mfu": tokens_per_sec * fpt / peak if peak else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "planned_bytes": planned.total,
+        "device_memory_bytes": memory,
+    }
+
+
+# --------------------------------------------------------------------------------------------------- SDPA backends
+
+
+def _time_attention(q, k, v, gqa: bool, cuda: bool, repeats: int = 5) -> float:
+    """Milliseconds of one causal SDPA forward + backward (after a warm-up call, which also tells whether the
+    backend takes these inputs); K/V heads shared through enable_gqa, or repeated to the query heads."""
+    import torch
+    import torch.nn.functional as F
+
+    H, K = q.shape[1], k.shape[1]
+
+    def step() -> None:
+        kk, vv = (k, v) if gqa or H == K else (k.repeat_interleave(H // K, 1), v.repeat_interleave(H // K, 1))
+        F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa and H != K).sum().backward()
+
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def sdpa_check(device: str, shapes: dict[str, tuple[int, int, int]], seq_len: int, batch: int) -> list[str]:
+    """Forward + backward time of causal bf16 SDPA per backend, for each (n_heads, n_kv_heads, head_dim)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    lines = []
+    dev = torch.device(device)
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        backends["cudnn"] = SDPBackend.CUDNN_ATTENTION
+    for name, (H, K, D) in shapes.items():
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(batch, H, seq_len, D, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        k = torch.randn(batch, K, seq_len, D, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        v = torch.randn(batch, K, seq_len, D, device=dev, dtype=torch.bfloat16, generator=g, requires_grad=True)
+        for gqa in [True, False] if H != K else [False]:
+            kind = "enable_gqa" if gqa else ("repeat_kv" if H != K else "mha")
+            for backend, enum in backends.items():
+                try:
+                    with sdpa_kernel(enum):
+                        result = f"{_time_attention(q, k, v, gqa, dev.type == 'cuda'):8.2f} ms"
+                except RuntimeError as err:  # this backend does not take these inputs
+                    result = f"unsupported ({str(err).strip().splitlines()[0][:60]})"
+                lines.append(f"{name:<6} H={H:<3} K={K:<3} D={D:<4} {kind:<10} {backend:<9} {result}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--runs", nargs="+", default=[f"{m}:{t}" for m in MODELS for t in TRAINERS], help="MODEL:TRAINER"
+    )
+    parser.add_argument("--seq-len", type=int, default=None, help="default 2048 (128 with --tiny)")
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch, sequences")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 10; 3 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the measured ones (compilation)")
+    parser.add_argument("--layers", type=int, default=None, help="7b-width layers (default: as many as fit)")
+    parser.add_argument("--max-layers", type=int, default=None, help="search limit of the layer count (default 64)")
+    parser.add_argument("--memory-gb", type=float, default=None, help="device memory to plan with (default: ask)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="model.compile=false")
+    parser.add_argument("--sdpa", action="store_true", help="time each SDPA backend at the models' shapes first")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model sizes (with --device cpu: a dry run)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-sdpa", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.child_sdpa is not None:
+        job = json.loads(args.child_sdpa)
+        shapes = {name: tuple(shape) for name, shape in job["shapes"].items()}
+        print("\n".join(sdpa_check(job["device"], shapes, job["seq_len"], job["batch"])))
+        return 0
+
+    runs = []
+    for spec in args.runs:
+        model, _, trainer = spec.partition(":")
+        if model not in MODELS or trainer not in TRAINERS:
+            parser.error(f"--runs {spec}: MODEL:TRAINER with MODEL in {MODELS} and TRAINER in {TRAINERS}")
+        runs.append(
+            dict(
+                model=model,
+                trainer=trainer,
+                device=args.device,
+                tiny=args.tiny,
+                compile=args.compile,
+                seq_len=args.seq_len or (128 if args.tiny else 2048),
+                batch=args.batch,
+                steps=args.steps or (3 if args.tiny else 10),
+                warmup=args.warmup,
+                layers=args.layers if model == "7b" else None,
+                max_layers=args.max_layers or (6 if args.tiny else 64),
+                memory_gb=args.memory_gb if args.memory_gb is not None else (1.0 if args.device == "cpu" else None),
+                set=args.set,
+            )
+        )
+
+    # CUDA is used by the child processes only, so that each has the whole device to itself
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.sdpa:
+        from llm import plan
+
+        shapes = {}
+        for model in dict.fromkeys(r["model"] for r in runs):
+            m = plan.compose([f"model={'tiny' if args.tiny else model}"]).model
+            shapes[model] = [m.n_heads, m.n_kv_heads or m.n_heads, m.dim // m.n_heads]
+        job = {"device": args.device, "shapes": shapes, "seq_len": runs[0]["seq_len"], "batch": args.batch}
+        print(f"SDPA, causal, bf16, forward + backward, batch {args.batch} x {job['seq_len']} tokens:", flush=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-sdpa", json.dumps(job)], capture_output=True, text=True, env=env
+        )
+        lines = out.stdout.strip().splitlines() if out.returncode == 0 else [f"failed: {out.stderr[-600:]}"]
+        for line in lines:
+            print("  " + line, flush=True)
+
+    print(
+        f"{'run':<9} | {'layers':>6} | {'params':>7} | {'tokens/s':>9} | {'s/step':>7} | {'MFU':>6} | "
+        f"{'peak GB':>7} | {'planned GB':>10} | {'1st step s':>10}",
+        flush=True,
+    )
+    results = []
+    for run in runs:
+        name = f"{run['model']}:{run['trainer']}"
+        try:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(run)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=args.timeout,
+            )
+        except subprocess.TimeoutExpired:
+            print(f"{name:<9} | timed out after {args.timeout} s", flush=True)
+            results.append({**run, "error": "timeout"})
+            continue
+        if out.returncode != 0:
+            tail = [line for line in out.stderr.strip().splitlines() if line.strip()][-3:]
+            print(f"{name:<9} | failed: {' / '.join(tail)[-400:]}", flush=True)
+            results.append({**run, "error": out.stderr[-4000:]})
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(r)
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
+        print(
+            f"{name:<9} | {r['layers']:>6} | {r['params'] / 1e9:>6.2f}B | {r['tokens_per_sec']:>9.0f} | "
+            f"{r['seconds_per_step']:>7.3f} | {mfu} | {r['peak_memory_bytes'] / 1e9:>7.2f} | "
+            f"{r['planned_bytes'] / 1e9:>10.2f} | {r['first_step_s']:>10.1f}",
+            flush=True,
+        )
+    done = [r for r in results if "error" not in r]
+    if done:
+        r = done[0]
+        print(
+            f"device: {r['device_name']} ({r['device_memory_bytes'] / 1e9:.0f} GB planned with), torch {r['torch']}; "
+            f"bf16, compile={r['compile']}, micro-batch {r['batch']} x {r['seq_len']} tokens, {r['steps']} steps "
+            f"after {r['warmup']} warm-up"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
