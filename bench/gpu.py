@@ -16,14 +16,16 @@ for example, is reported and the next one runs) that trains through lightning.Tr
 PretrainDataModule, no callbacks or loggers, for ``warmup + steps`` steps, and times the ``steps`` after the warm-up
 (compilation happens there) between two device synchronisations. Prints tokens/s, MFU (model FLOPs per token from
 llm.flops, recomputation excluded, against the device's dense bf16 peak from llm.hardware), the peak of
-torch.cuda.max_memory_allocated next to the planner's estimate, and the first step's time (mostly compilation).
+torch.cuda.max_memory_allocated next to the planner's estimate (on the CPU: the process's peak RSS, interpreter and
+all), and the first step's time (mostly compilation).
 
 ``--sdpa`` first times scaled_dot_product_attention (forward + backward, causal, bf16) at each model's attention
 shape with every backend the GPU accepts (flash, memory-efficient, cuDNN, math), with grouped-query heads passed as
 ``enable_gqa`` and as repeated key/value heads, so the kernel the model gets (it passes ``enable_gqa``) is seen.
-``--device cpu --tiny`` replaces 1b by `tiny` and the 7b width by tiny's (layers by the planner in
-``--memory-gb``, 1 by default), with ``trainer.accelerator=cpu``, a short sequence and few steps: it runs every code
-path above except CUDA's, and is what the test suite can run. Results also go to ``--out`` as JSON.
+``--device cpu --tiny`` replaces 1b by `tiny` and the 7b width by tiny's (as many layers as the planner fits in
+``--memory-gb``, 1 by default, up to ``--max-layers``, 6 by default), with ``trainer.accelerator=cpu``, one thread
+(``--threads``), 128 tokens and 3 steps: every code path above except CUDA's, in under a minute. Results also go to
+``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
     from llm.hardware import device_memory_bytes, peak_flops, peak_memory_bytes
 
     on_gpu = run["device"] == "cuda"
+    if run["threads"]:
+        torch.set_num_threads(run["threads"])
     if on_gpu and not torch.cuda.is_available():
         raise SystemExit("error: no GPU visible (use --device cpu --tiny to exercise the script on the CPU)")
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdpa", action="store_true", help="time each SDPA backend at the models' shapes first")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model sizes (with --device cpu: a dry run)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: 1 on the CPU)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
@@ -294,18 +299,21 @@ def main(argv: list[str] | None = None) -> int:
                 max_layers=args.max_layers or (6 if args.tiny else 64),
                 memory_gb=args.memory_gb if args.memory_gb is not None else (1.0 if args.device == "cpu" else None),
                 set=args.set,
+                threads=args.threads or (1 if args.device == "cpu" else None),
             )
         )
 
     # CUDA is used by the child processes only, so that each has the whole device to itself
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = dict(os.environ)
+    if runs[0]["threads"]:  # on a shared CPU, one thread: OpenMP's barriers make 2 threads on a busy machine crawl
+        env["OMP_NUM_THREADS"] = str(runs[0]["threads"])
     if args.sdpa:
         from llm import plan
 
         shapes = {}
-        for model in dict.fromkeys(r["model"] for r in runs):
-            m = plan.compose([f"model={'tiny' if args.tiny else model}"]).model
-            shapes[model] = [m.n_heads, m.n_kv_heads or m.n_heads, m.dim // m.n_heads]
+        for name in dict.fromkeys("tiny" if args.tiny else r["model"] for r in runs):
+            m = plan.compose([f"model={name}"]).model
+            shapes[name] = [m.n_heads, m.n_kv_heads or m.n_heads, m.dim // m.n_heads]
         job = {"device": args.device, "shapes": shapes, "seq_len": runs[0]["seq_len"], "batch": args.batch}
         print(f"SDPA, causal, bf16, forward + backward, batch {args.batch} x {job['seq_len']} tokens:", flush=True)
         out = subprocess.run(

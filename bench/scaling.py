@@ -9,11 +9,11 @@ percent at most: see that script), on the embedded corpus, with the precision, o
 conf/ (``--set`` for others), a micro-batch of ``tokens / T`` sequences (``--tokens``: per model, so every point
 of a model computes on the same number of tokens per step), ``model.max_seq_len`` raised to T where needed.
 
-Every point runs in a process of its own, the points taking turns over ``--rounds`` rounds (median time kept), so
-that its memory is its own: glibc is told to return every freed block of 64 KiB or more to the system
-(``MALLOC_MMAP_THRESHOLD_``, as tests/llm/test_plan.py does), so peak RSS follows live memory, and the peak is
-counted from just before the model is built (data, imports and the interpreter excluded), next to the memory
-planner's estimate (``llm.plan``) for the same run.
+Every point runs in processes of its own, the points taking turns over ``--rounds`` rounds (the median time is
+kept). Its memory is measured in one more process, over 3 steps, where glibc is told to return every freed block of
+64 KiB or more to the system (``MALLOC_MMAP_THRESHOLD_``, as tests/llm/test_plan.py does; it would slow the timed
+runs), so that peak RSS follows live memory; the peak is counted from just before the model is built (data,
+imports and the interpreter excluded) and printed next to the memory planner's estimate (``llm.plan``).
 
 Predicted time per token = ``llm.flops.flops_per_token(model, T)`` / R, where R is the FLOP/s achieved at the
 reference point (``--reference MODEL:T``); measured / predicted is 1 where the 6N + 12 L d T count explains the
@@ -83,7 +83,9 @@ def child(point: dict) -> dict:
 
 
 def run_point(point: dict) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = dict(os.environ)
+    if point["memory"]:  # every freed block of 64 KiB or more back to the system: RSS follows live memory
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     if point["threads"]:
         env["OMP_NUM_THREADS"] = str(point["threads"])
     out = subprocess.run(
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     threads=args.threads,
                     clock=args.clock,
                     set=args.set,
+                    memory=False,
                 )
             )
     results: dict[tuple[str, int], list[dict]] = {(p["model"], p["seq_len"]): [] for p in points}
@@ -151,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+    memory: dict[tuple[str, int], dict] = {}
+    for p in points:  # the peak of the second step (the first creates the optimizer state), malloc set to measure
+        memory[(p["model"], p["seq_len"])] = run_point({**p, "memory": True, "warmup": 1, "steps": 1})
 
     def per_token(key: tuple[str, int]) -> float:  # seconds per token, median over rounds
         rs = results[key]
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         r0 = rs[0]
         t = per_token(key)
         predicted = r0["flops_per_token"] / rate
-        peak = max(r["peak_bytes"] for r in rs)
+        peak = memory[key]["peak_bytes"]
         print(
             f"{key[0]:<6} | {key[1]:>5} | {r0['batch']:>5} | {1 / t:>8.0f} | {1e3 * t:>8.3f} | {1e3 * predicted:>9.3f} | "
             f"{t / predicted:>9.2f} | {r0['flops_per_token'] / t / 1e9:>7.1f} | {peak / 1e6:>8.0f} | "

@@ -14,7 +14,8 @@ for every variant. Validation is off (`trainer.limit_val_batches=0`): it is not 
 - ``default``: the Trainer train.py builds: conf/callbacks/default.yaml, the TensorBoard logger, AtomicCheckpointIO.
 
 A variant may carry its own overrides, ``NAME:KEY=VALUE,KEY=VALUE`` (``torch:trainer.precision=32-true``,
-``bare:optim.fused=true``), so fast paths are measured against each other in one run.
+``bare:optim.fused=true``), so fast paths are measured against each other in one run; ``threads=N`` among them
+sets ``torch.set_num_threads`` for that variant (``torch:threads=1 torch:threads=2``).
 
 Each round runs every variant once (the order reversed on odd rounds), each from the same initial weights
 (seeded just before the model is built) over the same batches, for ``warmup + steps + 1`` optimizer steps; the time
@@ -81,13 +82,21 @@ class Variant:
     name: str  # as given on the command line
     kind: str  # torch | bare | default
     cfg: DictConfig
+    threads: int | None = None  # torch.set_num_threads while this variant runs (None: --threads)
 
 
-def parse_variant(spec: str) -> tuple[str, list[str]]:
+def parse_variant(spec: str) -> tuple[str, list[str], int | None]:
+    """KIND[:KEY=VALUE,...] -> (kind, config overrides, threads); `threads=N` is the benchmark's own key."""
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:
         raise SystemExit(f"error: variant {spec!r}: the kind must be one of {', '.join(KINDS)}")
-    return kind, [o for o in rest.split(",") if o]
+    overrides, threads = [], None
+    for item in (o for o in rest.split(",") if o):
+        if item.startswith("threads="):
+            threads = int(item.removeprefix("threads="))
+        else:
+            overrides.append(item)
+    return kind, overrides, threads
 
 
 def compose(overrides: list[str], run_dir: str | Path) -> DictConfig:
@@ -105,8 +114,8 @@ def compose(overrides: list[str], run_dir: str | Path) -> DictConfig:
 def build_variants(specs: list[str], common: list[str], run_dir: Path) -> list[Variant]:
     variants = []
     for spec in specs:
-        kind, own = parse_variant(spec)
-        variants.append(Variant(spec, kind, compose([*common, *own], run_dir / str(len(variants)))))
+        kind, own, threads = parse_variant(spec)
+        variants.append(Variant(spec, kind, compose([*common, *own], run_dir / str(len(variants))), threads))
     return variants
 
 
@@ -271,9 +280,15 @@ def run(variant: Variant, dm: L.LightningDataModule, steps: int, clock: Callable
     cfg = variant.cfg.copy()
     with open_dict(cfg):
         cfg.trainer.max_steps = steps
-    if variant.kind == "torch":
-        return train_torch(cfg, dm, steps, clock)
-    return train_lightning(cfg, dm, variant.kind, steps, clock)
+    threads = torch.get_num_threads()
+    if variant.threads:
+        torch.set_num_threads(variant.threads)
+    try:
+        if variant.kind == "torch":
+            return train_torch(cfg, dm, steps, clock)
+        return train_lightning(cfg, dm, variant.kind, steps, clock)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------- reports
