@@ -112,9 +112,8 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
         cfg = plan.compose([*overrides_of(run), f"plan.device_memory_gb={memory / 1e9}"])
         with open_dict(cfg):
             cfg.run_dir = tmp
-            cfg.data.cache_dir = (
-                str(root / cfg.data.cache_dir) if not Path(cfg.data.cache_dir).is_absolute() else cfg.data.cache_dir
-            )
+            if not Path(cfg.data.cache_dir).is_absolute():  # the cache `python train.py` uses, from any cwd
+                cfg.data.cache_dir = str(root / cfg.data.cache_dir)
         dm = tasks.build_datamodule(cfg, None)
         dm.prepare()
         layers = run["layers"]
@@ -166,8 +165,7 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
         trainer.fit(module, datamodule=dm)
 
     seconds = marks["end"] - marks["begin"]
-    tokens_per_step = run["batch"] * run["seq_len"] * int(cfg.trainer.accumulate_grad_batches or 1)
-    tokens_per_sec = steps * tokens_per_step / seconds
+    tokens_per_sec = steps * run["batch"] * run["seq_len"] / seconds  # the timer counts batches (micro-batches)
     fpt = flops_per_token(model_cfg, run["seq_len"])
     peak = peak_flops(device, "bf16-mixed")
     return {
@@ -245,6 +243,10 @@ def sdpa_check(device: str, shapes: dict[str, tuple[int, int, int]], seq_len: in
 
 
 # --------------------------------------------------------------------------------------------------- main
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         print(
-            f"{name:<9} | {r['layers']:>6} | {r['params'] / 1e9:>6.2f}B | {r['tokens_per_sec']:>9.0f} | "
+            f"{name:<9} | {r['layers']:>6} | {_count(r['params']):>7} | {r['tokens_per_sec']:>9.0f} | "
             f"{r['seconds_per_step']:>7.3f} | {mfu} | {r['peak_memory_bytes'] / 1e9:>7.2f} | "
             f"{r['planned_bytes'] / 1e9:>10.2f} | {r['first_step_s']:>10.1f}",
             flush=True,

@@ -316,19 +316,18 @@ def count_syncs(variant: Variant, dm: L.LightningDataModule, args: argparse.Name
             return func(*args_, **(kwargs or {}))
 
     class Window(L.Callback):
-        """The mode on from the first measured batch's start to the last one's end."""
+        """The mode on from the first measured batch's start to the next batch's start after the last measured one:
+        whole steps, with what the loop does after the batch-end hooks (its own logging)."""
 
         mode: Syncs | None = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, idx):
+            if idx == args.warmup + args.steps and self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                self.mode = None
             if idx == args.warmup:
                 self.mode = Syncs()
                 self.mode.__enter__()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, idx):
-            if idx == args.warmup + args.steps - 1 and self.mode is not None:
-                self.mode.__exit__(None, None, None)
-                self.mode = None
 
     train_lightning(variant.cfg.copy(), dm, variant.kind, total_steps(args), time.perf_counter, first=[Window()])
     device = sum(n for where, n in calls.items() if not where.startswith("host: "))
