@@ -13,6 +13,7 @@ import time
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
@@ -59,9 +60,12 @@ def train(cfg: DictConfig) -> float:
     )
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
     check_resume(ckpt_path, module)
-    if ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        if ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning cuts a validation short on SIGTERM; LastCheckpoint saved what there was
+        return float("nan")
     if any(getattr(cb, "stopped_by", None) for cb in trainer.callbacks):
         return float("nan")  # stopped by a signal: saved, and no final validation to wait for
 
@@ -89,7 +93,8 @@ def main(cfg: DictConfig) -> float:
             raise  # a bug, not a user's mistake: keep the traceback
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    launch.write_status(cfg.run_dir, "ok", val_loss=val_loss, wall_s=time.time() - start)
+    status = "stopped" if math.isnan(val_loss) else "ok"  # stopped by a signal: resume with ckpt_path=last
+    launch.write_status(cfg.run_dir, status, val_loss=val_loss, wall_s=time.time() - start)
     return val_loss
 
 

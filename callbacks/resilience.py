@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class RngState(L.Callback):
@@ -44,12 +47,17 @@ class LastCheckpoint(L.Callback):
     disagree, and a run resumed from that file logs every step one too low; so the ModelCheckpoints in
     ``conf/callbacks`` keep ``save_last: false`` and leave last.ckpt to this callback.)
     A signal (SIGTERM from a scheduler, SIGUSR1 as SLURM's pre-emption warning) is noted and the current step
-    finishes first. Lightning's own SIGTERM handler still runs and is broadcast to every rank; under SLURM with
-    auto-requeue Lightning handles SIGUSR1 itself (it saves ``hpc_ckpt_<n>.ckpt`` and requeues), and this
+    finishes first. The handlers are installed in ``setup``, before the step-0 validation, and kept until the
+    end of training: Lightning installs its own SIGTERM handler only while each ``validate``/``fit`` call runs
+    (and resets its flag at each), so a SIGTERM between or during those calls would otherwise kill the run
+    unsaved or be forgotten. Lightning's handler still runs as well and is broadcast to every rank. Under SLURM
+    with auto-requeue Lightning handles SIGUSR1 itself (it saves ``hpc_ckpt_<n>.ckpt`` and requeues), and this
     callback leaves that signal alone.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int | None = None, signals: tuple[str, ...] = ("SIGUSR1",)) -> None:
+    def __init__(
+        self, dirpath: str, every_n_steps: int | None = None, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.signals = signals
@@ -57,16 +65,24 @@ class LastCheckpoint(L.Callback):
         self.stopped_by: str | None = None
         self._previous: dict[int, Any] = {}
         self._saved_step: int | None = None
+        self._finished = False
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous or self._finished or threading.current_thread() is not threading.main_thread():
+            return  # installed already (step-0 validate, then fit); signals can only be set from the main thread
+        environment = trainer._accelerator_connector.cluster_environment
+        requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         for name in self.signals:
             signum = getattr(signal, name, None)
-            if signum is None or signal.getsignal(signum) not in (signal.SIG_DFL, None):
-                continue  # someone (SLURM auto-requeue) already handles it
+            if signum is None or (requeue and name != "SIGTERM"):
+                continue  # not on this platform, or SLURM's requeue signal, which Lightning handles
             self._previous[signum] = signal.signal(signum, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = signal.Signals(signum).name
+        previous = self._previous.get(signum)
+        if callable(previous):  # chain a handler someone installed before us
+            previous(signum, frame)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -84,6 +100,26 @@ class LastCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)  # a run bounded by max_epochs ends here; no-op when the last step was saved
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # after the step-0 validate training is still to come: keep the handlers
+            self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            # Lightning stopped a validation at once to keep the scheduler's grace period; the training state of
+            # this step is whole (a run resumed from it skips the cut validation and trains on exactly)
+            self.stopped_by = "SIGTERM"
+            self._save(trainer)
+        # Lightning skips the teardown hooks when a call fails, and right after this hook puts back the handlers it
+        # found when the call began (ours): have it put back the ones from before us instead
+        originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(originals, dict):
+            originals.update({signum: h for signum, h in self._previous.items() if signum in originals})
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        self._finished = True  # the final validate of the best checkpoint does not reinstall them
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

@@ -127,10 +127,15 @@ def check_resume(ckpt_path: str | None, module: L.LightningModule) -> None:
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:
-    """The best checkpoint by the monitored metric, or None when nothing was saved."""
+    """The best checkpoint by the monitored metric, or None (validate the current weights) when there is none.
+
+    After a hard kill the best path restored from last.ckpt can name a file that a later, better checkpoint
+    already replaced (the kill fell between the two writes), so a path that no longer exists is not returned.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss" and cb.best_model_path:
-            return cb.best_model_path
+            if Path(cb.best_model_path).exists():
+                return cb.best_model_path
     return None

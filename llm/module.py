@@ -149,7 +149,7 @@ class CausalLM(TransformerModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"])
         loss = self.loss(logits, batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # shown by callbacks.progress.ProgressBar at refresh: no per-step sync
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -244,7 +244,7 @@ class SequenceClassifier(TransformerModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["lengths"])
         loss = F.cross_entropy(logits.float(), batch["labels"], label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # shown by callbacks.progress.ProgressBar at refresh: no per-step sync
         self.log("train/acc", (logits.argmax(-1) == batch["labels"]).float().mean())
         return loss
 

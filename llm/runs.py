@@ -5,8 +5,9 @@ each DIR is a run, or a folder searched recursively for runs. The table has one 
 - the settings that differ between the runs: the keys overridden on the command line (`.hydra/overrides.yaml`;
   a group such as `model=small` shows the chosen option) and any other key of the saved configs that differs;
 - the final val/loss, the median tokens/s, the wall time and the number of optimizer steps;
-- the status: `ok` or `failed: <first line of the error>` from `status.json`, which train.py writes when a run
-  ends; without it `running` (a file of the run changed less than RUNNING_WINDOW_S ago) or `unknown`.
+- the status: `ok`, `stopped` (by a signal) or `failed: <first line of the error>` from `status.json`, which
+  train.py writes when a run ends; without it `running` (a file of the run changed less than RUNNING_WINDOW_S
+  ago) or `unknown`.
 Numbers come from status.json when it has them, else from the TensorBoard event files of the run.
 
 The plot (default `runs.png` in the common parent of the runs; `--plot PATH`, `--no-plot`) draws val/loss (thick,
@@ -53,7 +54,7 @@ class Run:
     overrides: dict[str, str] = field(default_factory=dict)  # key -> value as typed (`+`/`++`/`~` stripped)
     choices: dict[str, str] = field(default_factory=dict)  # config group -> chosen option (model -> tiny)
     config: dict[str, str] = field(default_factory=dict)  # flattened saved config: dotted key -> value as text
-    status: str = "unknown"  # ok | failed | running | unknown
+    status: str = "unknown"  # ok | stopped | failed | running | unknown
     error: str | None = None  # first line of the error of a failed run
     val_loss: float | None = None
     tokens_per_sec: float | None = None

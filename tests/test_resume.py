@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +81,69 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, data_cache, workers):
     assert_same_weights(weights(straight), weights(resumed))
 
 
+class SigtermAt(L.Callback):
+    """Test helper: the scheduler's SIGTERM arrives at the end of a validation batch of `fn` at `step`."""
+
+    def __init__(self, fn: str, step: int) -> None:
+        self.fn, self.step = fn, step
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == self.fn and trainer.global_step == self.step and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SigtermAfterValidation(SigtermAt):
+    """Test helper: the SIGTERM arrives once `fn`'s validation at `step` is over (Lightning would forget it)."""
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == self.fn and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _run_with_sigterm(tiny_cfg, fn: str, step: int, helper: str = "SigtermAt"):
+    handler = signal.getsignal(signal.SIGTERM)
+    term = [
+        f"+callbacks.term._target_=tests.test_resume.{helper}",
+        f"+callbacks.term.fn={fn}",
+        f"+callbacks.term.step={step}",
+    ]
+    cfg = tiny_cfg("callbacks.samples=null", *term)
+    assert math.isnan(train.train(cfg))  # stopped by the signal: no final validation
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the run
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def test_sigterm_after_the_step0_validation_stops_after_one_step(tiny_cfg):
+    # Lightning's own handler lives only inside each validate()/fit() call and forgets the signal at the next one
+    last = _run_with_sigterm(tiny_cfg, "validate", 0, "SigtermAfterValidation")
+    assert torch.load(last, weights_only=False)["global_step"] == 1
+
+
+def test_sigterm_during_the_step0_validation_stops_before_training(tiny_cfg):
+    assert not _run_with_sigterm(tiny_cfg, "validate", 0).exists()  # nothing trained, nothing to save
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_validation_in_fit_saves_and_resumes_exactly(tmp_path, data_cache, tiny_cfg):
+    # Lightning cuts the validation short (SIGTERMException); the training state of step 3 is saved, and the run
+    # resumed from it ends with the weights of the run that was never stopped
+    extra = [*TINY, *EXACT]
+    straight = tmp_path / "straight"
+    train.train(compose_config(extra, run_dir=straight, cache_dir=data_cache))
+
+    stopped = tmp_path / "stopped"
+    term = ["+callbacks.term._target_=tests.test_resume.SigtermAt", "+callbacks.term.fn=fit", "+callbacks.term.step=3"]
+    assert math.isnan(train.train(compose_config([*extra, *term], run_dir=stopped, cache_dir=data_cache)))
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    train.train(compose_config([*extra, "ckpt_path=last"], run_dir=stopped, cache_dir=data_cache))
+    assert_same_weights(weights(straight), weights(stopped))
+    a, b = losses(straight), losses(stopped)
+    assert a == b  # every training step, bitwise
+
+
 def _train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     overrides = [o for o in TINY if not o.startswith("trainer.max_steps")]
     return [
@@ -86,7 +151,7 @@ def _train_cmd(run_dir: Path, cache: Path, *extra: str) -> list[str]:
         "train.py",
         *overrides,
         *EXACT[:1],
-        "trainer.max_steps=16",
+        "trainer.max_steps=40",
         "trainer.val_check_interval=4",
         "checkpoint.every_n_steps=2",
         "callbacks.samples=null",
@@ -119,7 +184,7 @@ def test_sigkill_anytime_then_resume_reaches_the_same_weights(tmp_path, data_cac
         _train_cmd(killed, data_cache), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     _wait_for(last.exists, proc)
-    time.sleep(1.0)
+    # killed at once: on an idle machine the run would otherwise finish before the kill (nothing left to test)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # 2. killed in the middle of writing a checkpoint (the write is slowed down to hit it)
@@ -153,6 +218,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, data_cache):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert "SIGTERM: saved" in out, out[-2000:]
+    assert proc.returncode == 0 and json.loads((run / "status.json").read_text())["status"] == "stopped"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert 0 < ckpt["global_step"] < 100000
 
