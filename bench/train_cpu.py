@@ -66,7 +66,7 @@ from datamodules.dataset import WindowSampler
 from llm import parallelize, plan, tasks
 from llm.builders import build, build_all, resolve_accumulation, resolve_precision
 from llm.model import Transformer
-from llm.module import IGNORE_INDEX, param_groups
+from llm.module import IGNORE_INDEX, fused_default, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("torch", "bare", "default")
@@ -185,7 +185,8 @@ def train_torch(cfg: DictConfig, dm: L.LightningDataModule, steps: int, clock: C
     parallelize.apply(model, model_cfg, None)  # model.compile=true compiles each block, as in training
     model.train()
     optimizer_factory = instantiate(cfg.optim)
-    optimizer = optimizer_factory(param_groups(model, optimizer_factory.keywords.get("weight_decay", 0.0)))
+    groups = param_groups(model, optimizer_factory.keywords.get("weight_decay", 0.0))
+    optimizer = optimizer_factory(groups, **fused_default(optimizer_factory, model.parameters()))  # as the module
     scheduler = instantiate(cfg.sched)(optimizer, max_steps=int(cfg.trainer.max_steps))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     sampler = WindowSampler(dm.train_dataset, shuffle=True, seed=dm.seed, rank=0, world_size=1)

@@ -66,6 +66,7 @@ class LastCheckpoint(L.Callback):
         self._previous: dict[int, Any] = {}
         self._saved_step: int | None = None
         self._finished = False
+        self._announced = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous or self._finished or threading.current_thread() is not threading.main_thread():
@@ -125,12 +126,12 @@ class LastCheckpoint(L.Callback):
         self._previous.clear()
 
     def _save(self, trainer: L.Trainer) -> None:
-        if self._saved_step == trainer.global_step:
-            return
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
-        self._saved_step = trainer.global_step
-        if self.stopped_by is not None:
+        if self._saved_step != trainer.global_step:  # else this step's state is there already
+            trainer.save_checkpoint(path)
+            self._saved_step = trainer.global_step
+        if self.stopped_by is not None and not self._announced:
+            self._announced = True
             rank_zero_info(f"{self.stopped_by}: saved {path} at step {trainer.global_step}; resume with ckpt_path=last")
 
 
@@ -142,41 +143,81 @@ class NonFiniteGuard(L.Callback):
     """Skips an optimizer step whose gradients are not finite, counts it, and stops after ``max_bad_steps`` in a row.
 
     A NaN/Inf loss gives non-finite gradients too, so one check of the gradient norm covers both. A skipped step
-    leaves weights and optimizer state untouched (the gradients are dropped before the optimizer sees them), so
-    when the run stops, the checkpoint it writes is the last good state, not the diverged one.
-    The check reads one scalar per step (a host-device synchronisation on GPUs); drop the callback with
-    ``callbacks.nonfinite=null`` to avoid it.
+    leaves weights and optimizer state untouched, so when the run stops, the checkpoint it writes is the last good
+    state, not the diverged one.
+
+    With a fused optimizer (``optim.fused``; Adam/AdamW, the default on CUDA and CPU) the whole guard stays on
+    the device: the finite check is handed to the fused kernel as its ``found_inf`` flag (as GradScaler does),
+    which then leaves parameters, moments and step counts as they were, and the counters are device tensors
+    read at logging steps only (``trainer.log_every_n_steps``): no host-device synchronisation in the step,
+    and a divergence is noticed at the next logging step. Other optimizers need the decision on the host: one
+    scalar read per step, and the gradients are dropped before the optimizer sees them.
     """
 
     def __init__(self, dirpath: str, max_bad_steps: int = 5) -> None:
         self.dirpath = Path(dirpath)
         self.max_bad_steps = max_bad_steps
-        self.bad_in_a_row = 0
-        self.skipped = 0
+        self.skipped = 0  # as of the last read
+        # device counters (float32, as found_inf): steps skipped, the current and the longest run of bad steps
+        self._counters: torch.Tensor | None = None
+        self._read_skipped = 0
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        if bool(torch.isfinite(norm)):
-            self.bad_in_a_row = 0
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; its total over every shard, the same on all ranks
+            norm = norm.full_tensor()
+        bad = (~torch.isfinite(norm)).float()  # 1.0: skip this step
+        if _skips_on_device(optimizer):
+            optimizer.found_inf = bad  # read by the fused kernel in this step (GradScaler overwrites it in 16-mixed)
+            self._count(bad)
             return
-        self.bad_in_a_row += 1
-        self.skipped += 1
-        for p in pl_module.parameters():
-            p.grad = None  # the optimizer skips parameters without gradients: nothing moves
-        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
-        if self.bad_in_a_row >= self.max_bad_steps:
+        self._count(bad)
+        if bool(bad):  # the host read: other optimizers cannot skip on their own
+            for p in pl_module.parameters():
+                p.grad = None  # the optimizer skips parameters without gradients: nothing moves
+            self._check(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        logging_step = trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+        if self._counters is not None and (logging_step or trainer.global_step >= trainer.max_steps > 0):
+            self._check(trainer, pl_module)
+
+    def _count(self, bad: torch.Tensor) -> None:
+        if self._counters is None or self._counters.device != bad.device:
+            self._counters = torch.zeros(3, device=bad.device)
+        skipped, run, longest = self._counters.unbind()
+        run = (run + bad) * bad  # +1 on a bad step, 0 on a good one
+        self._counters = torch.stack([skipped + bad, run, torch.maximum(longest, run)])
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reads the counters (a sync), logs the skipped steps, and stops a run that diverged."""
+        skipped, _, longest = (int(v) for v in self._counters.tolist())
+        self.skipped = self._read_skipped + skipped
+        if self.skipped:
+            pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+        if longest >= self.max_bad_steps:
             path = self.dirpath / "last.ckpt"
             trainer.save_checkpoint(path)
             raise TrainingDiverged(
-                f"training diverged: {self.bad_in_a_row} non-finite steps in a row at step {trainer.global_step}; "
+                f"training diverged: {longest} non-finite steps in a row by step {trainer.global_step}; "
                 f"the last good state is in {path} (lower optim.lr or raise sched.warmup_steps, then resume)"
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        unread = int(self._counters[0]) if self._counters is not None else 0  # one read per checkpoint
+        return {"skipped": self._read_skipped + unread}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skipped = state_dict.get("skipped", 0)
+        self.skipped = self._read_skipped = state_dict.get("skipped", 0)
+        self._counters = None
+
+
+def _skips_on_device(optimizer: Any) -> bool:
+    """Whether the optimizer's step honours a ``found_inf`` flag on its own (PyTorch's fused Adam/AdamW/SGD)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )

@@ -11,12 +11,18 @@ from callbacks.resilience import NonFiniteGuard, RngState, TrainingDiverged
 
 
 class NaNAt(BoringModel):
-    """BoringModel whose loss is NaN at the given steps."""
+    """BoringModel whose loss is NaN at the given steps; trained with SGD, or with fused AdamW (`fused=True`)."""
 
-    def __init__(self, bad_steps: set[int]) -> None:
+    def __init__(self, bad_steps: set[int], fused: bool = False) -> None:
         super().__init__()
         self.bad_steps = bad_steps
+        self.fused = fused
         self.weights_before: dict[int, torch.Tensor] = {}
+
+    def configure_optimizers(self):
+        if self.fused:
+            return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
+        return super().configure_optimizers()
 
     def training_step(self, batch, batch_idx):
         self.weights_before[self.global_step] = self.layer.weight.detach().clone()
@@ -26,12 +32,13 @@ class NaNAt(BoringModel):
         return out
 
 
-def trainer(tmp_path, guard, steps):
+def trainer(tmp_path, guard, steps, *callbacks):
     return L.Trainer(
         default_root_dir=tmp_path,
         max_steps=steps,
-        callbacks=[guard],
+        callbacks=[guard, *callbacks],
         logger=False,
+        log_every_n_steps=4,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -39,22 +46,40 @@ def trainer(tmp_path, guard, steps):
     )
 
 
-def test_bad_steps_are_skipped_and_counted(tmp_path):
+class OptimizerState(L.Callback):
+    """Test helper: the AdamW step count of the first parameter before each step."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        state = trainer.optimizers[0].state.get(pl_module.layer.weight, {})
+        self.steps.append(float(state["step"]) if "step" in state else 0.0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd-host-check", "fused-adamw-on-device"])
+def test_bad_steps_are_skipped_and_counted(tmp_path, fused):
     guard = NonFiniteGuard(dirpath=str(tmp_path), max_bad_steps=3)
-    model = NaNAt({2, 3})
-    trainer(tmp_path, guard, 6).fit(model)
+    model = NaNAt({2, 3}, fused=fused)
+    state = OptimizerState()
+    trainer(tmp_path, guard, 6, state).fit(model)
     assert guard.skipped == 2
-    # a skipped step leaves the weights as they were
+    # a skipped step leaves the weights (and AdamW's moments and step count) as they were
     assert torch.equal(model.weights_before[2], model.weights_before[3])
     assert torch.equal(model.weights_before[3], model.weights_before[4])
     assert not torch.equal(model.weights_before[4], model.weights_before[5])
     assert torch.isfinite(model.layer.weight).all()
+    if fused:
+        assert state.steps == [0, 1, 2, 2, 2, 3]
 
 
-def test_too_many_bad_steps_stop_with_last_good_state(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd-host-check", "fused-adamw-on-device"])
+def test_too_many_bad_steps_stop_with_last_good_state(tmp_path, fused):
     guard = NonFiniteGuard(dirpath=str(tmp_path), max_bad_steps=3)
-    model = NaNAt({2, 3, 4, 5, 6})
-    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
+    model = NaNAt({2, 3, 4, 5, 6, 7, 8, 9}, fused=fused)
+    # noticed at once (host check), or by the fused path at the next logging step (every 4)
+    expected = "6 non-finite steps in a row by step 8" if fused else "3 non-finite steps in a row by step 4"
+    with pytest.raises(TrainingDiverged, match=expected):
         trainer(tmp_path, guard, 10).fit(model)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]["layer.weight"]
     assert torch.isfinite(saved).all()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
+import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -84,6 +88,41 @@ def test_untied_lm_head_is_frozen_and_left_out_of_the_optimizer():
     assert id(module.head.weight) in ids and id(module.head.bias) in ids
     decayed = {id(p) for p in param_groups(module, 0.1)[0]["params"]}
     assert id(module.head.weight) in decayed and id(module.head.bias) not in decayed
+
+
+class GradNorms(L.Callback):
+    """Test helper: the total gradient norm the optimizer stepped with (clipping is done by then)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_gradients_are_clipped_with_the_default_fused_adamw(tmp_path, precision, fused):
+    torch.manual_seed(0)
+    module = CausalLM(CFG.to_dict(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, fused=fused))
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16)), "labels": torch.randint(0, 64, (2, 16))}] * 3
+    norms = GradNorms()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=3,
+        precision=precision,
+        gradient_clip_val=1e-3,
+        callbacks=[norms],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.optimizers[0].param_groups[0]["fused"] is (fused is None)  # null: the fused kernel
+    assert len(norms.norms) == 3 and all(n <= 1e-3 * 1.01 for n in norms.norms), norms.norms
 
 
 def test_confusion_image(tmp_path):
