@@ -15,6 +15,8 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from llm.parallelize import total_norm
+
 
 class RngState(L.Callback):
     """Saves the torch, CUDA, numpy and python RNG states in every checkpoint and restores them on resume.
@@ -166,9 +168,7 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; its total over every shard, the same on all ranks
-            norm = norm.full_tensor()
+        norm = total_norm(grads)  # FSDP/TP shards included: the same value on every rank, so all skip together
         bad = (~torch.isfinite(norm)).float()  # 1.0: skip this step
         if _skips_on_device(optimizer):
             optimizer.found_inf = bad  # read by the fused kernel in this step (GradScaler overwrites it in 16-mixed)

@@ -41,7 +41,9 @@ class Throughput(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._times.append(time.perf_counter())
-        self._tokens.append(batch["input_ids"].numel() * trainer.world_size)
+        # every data-parallel replica reads its own batch (the ranks of a tensor-parallel group share one)
+        replicas = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas")
+        self._tokens.append(batch["input_ids"].numel() * (replicas or trainer.world_size))
         del self._times[: -self.window - 1], self._tokens[: -self.window - 1]
 
     def on_train_batch_end(

@@ -200,6 +200,10 @@ class PretrainDataModule(L.LightningDataModule):
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
+            # data-parallel replicas, not processes: under tensor parallelism the ranks of a group share the batch
+            kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+            if kwargs:
+                return kwargs["rank"], kwargs["num_replicas"]
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()

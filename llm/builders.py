@@ -74,14 +74,23 @@ def world_size(trainer: DictConfig) -> int:
     return int(devices) * int(trainer.get("num_nodes", 1) or 1)
 
 
+def data_parallel_size(trainer: DictConfig) -> int:
+    """Replicas that each read their own batches: the processes, less the tensor-parallel groups' sharing."""
+    strategy = trainer.get("strategy")
+    tp = int(strategy.get("tensor_parallel_size", 1) or 1) if isinstance(strategy, DictConfig) else 1
+    return max(1, world_size(trainer) // tp)
+
+
 def resolve_accumulation(cfg: DictConfig) -> None:
     """``data.global_batch_size`` (samples per optimizer step) sets ``trainer.accumulate_grad_batches``."""
     target = cfg.data.get("global_batch_size")
     if not target:
         return
-    per_step = int(cfg.data.batch_size) * world_size(cfg.trainer)
+    per_step = int(cfg.data.batch_size) * data_parallel_size(cfg.trainer)
     if target % per_step:
-        raise UserError(f"data.global_batch_size={target} is not a multiple of data.batch_size x devices = {per_step}")
+        raise UserError(
+            f"data.global_batch_size={target} is not a multiple of data.batch_size x data-parallel replicas = {per_step}"
+        )
     cfg.trainer.accumulate_grad_batches = target // per_step
 
 

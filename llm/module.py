@@ -137,7 +137,11 @@ class TransformerModule(L.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError(f"{type(self).__name__} needs an optimizer to train (conf/optim)")
         groups = param_groups(self, self.optimizer_factory.keywords.get("weight_decay", 0.0))
-        optimizer = self.optimizer_factory(groups, **fused_default(self.optimizer_factory, self.parameters()))
+        # not with a GradScaler (16-mixed): Lightning cannot clip the gradients a fused step unscales itself
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        scaled = getattr(plugin, "scaler", None) is not None
+        fused = {} if scaled else fused_default(self.optimizer_factory, self.parameters())
+        optimizer = self.optimizer_factory(groups, **fused)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, max_steps=int(self.trainer.estimated_stepping_batches))
@@ -147,10 +151,21 @@ class TransformerModule(L.LightningModule):
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
     ) -> None:
         plugin = self.trainer.precision_plugin
-        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # None means Lightning's default
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+        if (
+            gradient_clip_val
+            and algorithm == GradClipAlgorithmType.NORM
+            and not scaled
+            and any(hasattr(p, "device_mesh") for p in params)
+        ):
+            # FSDP2 / tensor parallel: DTensors on more than one mesh, which torch's clip_grad_norm_ cannot sum
+            parallelize.clip_grad_norm_(params, gradient_clip_val)
+            return
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and not scaled:
             # bf16-mixed has no loss scaler, so the gradients are true ones and clipping them is plain; Lightning's
             # plugin still refuses any fused optimizer (as if a GradScaler had to unscale them first)
-            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # None means Lightning's default
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -65,6 +65,44 @@ def apply_fsdp(model: nn.Module, mesh: Any, mp_policy: Any | None, reshard_after
     fully_shard(model, **kwargs)
 
 
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together: a plain float32 scalar, the same on every rank.
+
+    Under tensor parallelism the DTensors live on two meshes (the blocks' matrices on the 2-D mesh, the norms'
+    gains on the data-parallel one), and torch's ``clip_grad_norm_`` cannot stack norms from different meshes.
+    Here the norms are stacked per mesh and each mesh's total made whole with one collective.
+    """
+    from torch.distributed.tensor import DTensor
+
+    per_mesh: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        per_mesh.setdefault(t.device_mesh if isinstance(t, DTensor) else None, []).append(
+            torch.linalg.vector_norm(t, dtype=torch.float32)
+        )
+    totals = []
+    for mesh, norms in per_mesh.items():
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        totals.append(total.full_tensor() if mesh is not None else total)
+    if not totals:
+        return torch.zeros(())
+    device = totals[0].device
+    return torch.linalg.vector_norm(torch.stack([t.to(device) for t in totals]))
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters that may be DTensors on different meshes (see
+    ``total_norm``); scales the gradients in place, returns the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = total_norm(grads)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if local:
+        torch._foreach_mul_(local, coef.to(local[0].device))
+    return norm
+
+
 def apply_tensor_parallel(model: nn.Module, mesh: Any) -> None:
     """Megatron-style plan per block: q/k/v and w1/w3 split by columns (heads, hidden units), wo and w2 by rows.
 

@@ -69,11 +69,20 @@ def single(tmp_path_factory, data_cache, initial):
     return run_dir
 
 
-@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+# two processes: data parallel (DDP, FSDP2: 4 + 4 windows per step), or tensor parallel (one data-parallel
+# replica of 8 windows, each block's attention heads and MLP columns split over the two processes)
+LAYOUTS = {
+    "ddp": ["trainer=ddp", "data.batch_size=4"],
+    "fsdp": ["trainer=fsdp", "data.batch_size=4"],
+    "tp": ["trainer=fsdp", "trainer.strategy.tensor_parallel_size=2", "data.batch_size=8"],
+}
+
+
+@pytest.mark.parametrize("trainer", list(LAYOUTS))
 def test_two_processes_match_one_with_the_same_global_batch(single, initial, tmp_path, data_cache, trainer):
     run_dir = tmp_path / trainer
     probe = ["+callbacks.probe._target_=tests.test_distributed.ShardProbe", f"init_from={initial}"]
-    run(run_dir, data_cache, f"trainer={trainer}", "trainer.devices=2", "data.batch_size=4", *probe)
+    run(run_dir, data_cache, *LAYOUTS[trainer], "trainer.devices=2", *probe)
 
     # the same 8 windows per step, split 4 + 4: losses and weights agree up to the order of float32 sums
     # (all-reduce and sharded reductions add in another order: ~1e-7 relative per step, 6 steps, Adam's
@@ -94,9 +103,12 @@ def test_two_processes_match_one_with_the_same_global_batch(single, initial, tmp
     assert sorted(p.name for p in run_dir.glob("shapes_rank*.json")) == ["shapes_rank0.json", "shapes_rank1.json"]
     shapes = json.loads((run_dir / "shapes_rank0.json").read_text())
     wq_local, wq_global = shapes["layers.0.attention.wq.weight"]
-    if trainer == "fsdp":  # really sharded: each rank holds half the rows
+    if trainer in ("fsdp", "tp"):  # really sharded: each rank holds half the rows (FSDP: dim 0; TP: wq colwise)
         assert wq_local[0] * 2 == wq_global[0] and (run_dir / "checkpoints" / "last.ckpt").is_dir()
-    else:  # replicated
+    if trainer == "tp":  # wo is split rowwise: half the columns each
+        wo_local, wo_global = shapes["layers.0.attention.wo.weight"]
+        assert wo_local[1] * 2 == wo_global[1] and wo_local[0] == wo_global[0]
+    if trainer == "ddp":  # replicated
         assert wq_local == wq_global
 
 

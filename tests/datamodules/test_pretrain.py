@@ -209,6 +209,21 @@ def test_datamodule_shards_by_trainer_rank_and_world(corpus_dm, monkeypatch):
     assert len(seen[0]) == len(seen[1]) == len(corpus_dm.train_dataset) // 2
 
 
+def test_tensor_parallel_ranks_read_the_same_batches(corpus_dm, monkeypatch):
+    class TensorParallel:  # 2 processes, one data-parallel replica (as ModelParallelStrategy reports it)
+        distributed_sampler_kwargs = {"num_replicas": 1, "rank": 0}
+
+    class FakeTrainer:
+        def __init__(self, rank: int) -> None:
+            self.global_rank, self.world_size, self.strategy = rank, 2, TensorParallel()
+
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(corpus_dm, "trainer", FakeTrainer(rank))
+        seen.append(list(corpus_dm.train_dataloader().sampler))
+    assert seen[0] == seen[1] and len(seen[0]) == len(corpus_dm.train_dataset)
+
+
 def test_datamodule_state_dict_resumes_batches(small_src, tmp_path):
     dm = small_dm(small_src, tmp_path)
     dm.prepare()
