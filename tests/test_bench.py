@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end on tiny settings (their figures are for bench/README.md, not tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+RUNS = {
+    "train_cpu": [
+        "bench/train_cpu.py",
+        "--variants",
+        "torch",
+        "default",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+    ],
+    "generate": ["bench/generate.py", "--shapes", "64x2", "--new", "4", "--batches", "1", "2", "--repeats", "1"],
+    "gpu_paths_on_cpu": ["bench/gpu.py", "--device", "cpu", "--tiny"],
+    "scaling": [
+        "bench/scaling.py",
+        "--models",
+        "tiny",
+        "--seq-lens",
+        "64",
+        "128",
+        "--tokens",
+        "tiny=512",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--set",
+        "model.n_layers=1",
+        "--reference",
+        "tiny:128",
+    ],
+    "data": ["bench/data.py", "--quick"],
+}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_bench_script_runs(name, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, *RUNS[name]], cwd=ROOT, capture_output=True, text=True, timeout=900, env=None
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("PASS" if name == "data" else "|") in proc.stdout  # printed its table (data: its checks)
+    assert "FAIL" not in proc.stdout
