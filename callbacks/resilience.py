@@ -130,7 +130,7 @@ class LastCheckpoint(L.Callback):
     def _save(self, trainer: L.Trainer) -> None:
         path = self.dirpath / "last.ckpt"
         if self._saved_step != trainer.global_step:  # else this step's state is there already
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state (also says so to Lightning)
             self._saved_step = trainer.global_step
         if self.stopped_by is not None and not self._announced:
             self._announced = True
@@ -200,7 +200,7 @@ class NonFiniteGuard(L.Callback):
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
         if longest >= self.max_bad_steps:
             path = self.dirpath / "last.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state (also says so to Lightning)
             raise TrainingDiverged(
                 f"training diverged: {longest} non-finite steps in a row by step {trainer.global_step}; "
                 f"the last good state is in {path} (lower optim.lr or raise sched.warmup_steps, then resume)"
