@@ -170,11 +170,10 @@ class NonFiniteGuard(L.Callback):
             return
         norm = total_norm(grads)  # FSDP/TP shards included: the same value on every rank, so all skip together
         bad = (~torch.isfinite(norm)).float()  # 1.0: skip this step
+        self._count(bad)
         if _skips_on_device(optimizer):
             optimizer.found_inf = bad  # read by the fused kernel in this step (GradScaler overwrites it in 16-mixed)
-            self._count(bad)
             return
-        self._count(bad)
         if bool(bad):  # the host read: other optimizers cannot skip on their own
             for p in pl_module.parameters():
                 p.grad = None  # the optimizer skips parameters without gradients: nothing moves

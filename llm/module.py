@@ -53,6 +53,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def loss_scaled(plugin: Any) -> bool:
+    """Whether the precision plugin scales the loss (16-mixed's GradScaler): then gradients need unscaling."""
+    return getattr(plugin, "scaler", None) is not None
+
+
 def fused_default(factory: Callable[..., torch.optim.Optimizer], params) -> dict[str, bool]:
     """``{"fused": True}`` when ``optim.fused`` is left null and PyTorch has a fused kernel for this optimizer and
     these parameters (Adam/AdamW on CUDA or CPU), else ``{}``: the fused step is the fastest (CPU: 1.02-1.04x the
@@ -138,8 +143,7 @@ class TransformerModule(L.LightningModule):
             raise ValueError(f"{type(self).__name__} needs an optimizer to train (conf/optim)")
         groups = param_groups(self, self.optimizer_factory.keywords.get("weight_decay", 0.0))
         # not with a GradScaler (16-mixed): Lightning cannot clip the gradients a fused step unscales itself
-        plugin = self._trainer.precision_plugin if self._trainer is not None else None
-        scaled = getattr(plugin, "scaler", None) is not None
+        scaled = self._trainer is not None and loss_scaled(self._trainer.precision_plugin)
         fused = {} if scaled else fused_default(self.optimizer_factory, self.parameters())
         optimizer = self.optimizer_factory(groups, **fused)
         if self.scheduler_factory is None:
@@ -153,7 +157,7 @@ class TransformerModule(L.LightningModule):
         plugin = self.trainer.precision_plugin
         algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")  # None means Lightning's default
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        scaled = isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+        scaled = loss_scaled(plugin)
         if (
             gradient_clip_val
             and algorithm == GradClipAlgorithmType.NORM
