@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from datamodules.dataset import data_parallel_rank
 from llm.flops import flops_per_token
 from llm.hardware import peak_flops, peak_memory_bytes
 
@@ -30,20 +31,20 @@ class Throughput(L.Callback):
         self._tokens: list[int] = []
         self._flops_per_token: float | None = None
         self._peak: float | None = None
+        self._replicas = 1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         seq_len = trainer.datamodule.seq_len if trainer.datamodule is not None else pl_module.config.max_seq_len
         self._flops_per_token = flops_per_token(pl_module.config, seq_len)
         self._peak = peak_flops(pl_module.device, trainer.precision)
+        self._replicas = data_parallel_rank(trainer)[1]  # each reads its own batch (a TP group shares one)
         self._times, self._tokens = [], []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._times.append(time.perf_counter())
-        # every data-parallel replica reads its own batch (the ranks of a tensor-parallel group share one)
-        replicas = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas")
-        self._tokens.append(batch["input_ids"].numel() * (replicas or trainer.world_size))
+        self._tokens.append(batch["input_ids"].numel() * self._replicas)
         del self._times[: -self.window - 1], self._tokens[: -self.window - 1]
 
     def on_train_batch_end(

@@ -22,7 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from datamodules.dataset import TokenWindows, WindowSampler
+from datamodules.dataset import TokenWindows, WindowSampler, data_parallel_rank
 from datamodules.packing import CorpusSettings, PackedCorpus, prepare_corpus
 from datamodules.sources import EMBEDDED_CORPUS, DataError
 from datamodules.tokenizer import special_ids
@@ -200,11 +200,7 @@ class PretrainDataModule(L.LightningDataModule):
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            # data-parallel replicas, not processes: under tensor parallelism the ranks of a group share the batch
-            kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
-            if kwargs:
-                return kwargs["rank"], kwargs["num_replicas"]
-            return trainer.global_rank, trainer.world_size
+            return data_parallel_rank(trainer)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
