@@ -9,19 +9,17 @@ and in order.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
+from datamodules.base import PreparedDataModule
 from datamodules.dataset import TokenWindows, WindowSampler, data_parallel_rank
 from datamodules.packing import CorpusSettings, PackedCorpus, prepare_corpus
 from datamodules.sources import EMBEDDED_CORPUS, DataError
@@ -55,7 +53,7 @@ class _ResumableLoader(DataLoader):
             self.datamodule.load_state_dict(state_dict)
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(PreparedDataModule):
     """Causal-LM pretraining data: batches of ``{"input_ids", "labels"}``, both ``(batch_size, seq_len)``.
 
     Args:
@@ -177,22 +175,9 @@ class PretrainDataModule(L.LightningDataModule):
         self.train_dataset = TokenWindows(corpus.shards("train"), corpus.dtype, corpus.n_train, self.seq_len)
         self.val_dataset = TokenWindows(corpus.shards("val"), corpus.dtype, corpus.n_val, self.seq_len)
 
-    def prepare_data(self) -> None:
-        self.prepare()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare()
-
-    def save_artifacts(self, run_dir: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``data_report.json`` into ``run_dir``."""
-        self.prepare()
+    def tokenizer_source(self) -> Path:
         assert self.corpus is not None
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.corpus.dir / "tokenizer.json", run_dir / "tokenizer.json")
-        with open(run_dir / "data_report.json", "w", encoding="utf-8") as f:
-            json.dump(self.report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        return self.corpus.dir / "tokenizer.json"
 
     # ------------------------------------------------------------------------------------------------
     # dataloaders

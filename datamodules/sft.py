@@ -29,19 +29,18 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.base import PreparedDataModule
 from datamodules.sources import DataError, file_format, find_files
 from datamodules.tokenizer import load_tokenizer, special_ids
 
@@ -292,7 +291,7 @@ def _plain(value: Any) -> Any:
     return [str(v) for v in value]
 
 
-class ExampleDataModule(L.LightningDataModule):
+class ExampleDataModule(PreparedDataModule):
     """What the example-based DataModules (SFT, classification) share: files, tokenizer, split, loaders, artefacts.
 
     Subclasses read their rows in ``_read`` and turn them into examples in ``_build``; ``prepare()`` does the
@@ -438,31 +437,11 @@ class ExampleDataModule(L.LightningDataModule):
             f"{r['skipped_empty']} empty rows skipped (data_report.json)"
         )
 
-    def prepare_data(self) -> None:
-        self.prepare()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare()
-
-    def save_artifacts(self, run_dir: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``data_report.json`` into ``run_dir``."""
-        self.prepare()
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        target = run_dir / "tokenizer.json"
-        source = None if self.tokenizer_path is None else Path(self.tokenizer_path)
-        if source is not None and source.is_dir():
-            source = source / "tokenizer.json"
-        if source is None or not target.exists() or not source.samefile(target):
-            tmp = target.with_name(f".tokenizer.{os.getpid()}.json")
-            if source is not None:
-                shutil.copyfile(source, tmp)
-            else:
-                self.tokenizer.save(str(tmp))
-            tmp.replace(target)  # atomic: other ranks may write the same file
-        with open(run_dir / "data_report.json", "w", encoding="utf-8") as f:
-            json.dump(self.report, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+    def tokenizer_source(self) -> Path | Tokenizer:
+        if self.tokenizer_path is None:
+            return self.tokenizer  # trained here, or the init_from checkpoint's
+        source = Path(self.tokenizer_path)
+        return source / "tokenizer.json" if source.is_dir() else source
 
     # ---- loaders
 
