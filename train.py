@@ -19,8 +19,10 @@ from omegaconf import DictConfig
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from callbacks.resilience import TrainingDiverged
 from datamodules.sources import DataError
-from llm import evaluate, launch, plan, schema, tasks
-from llm.builders import (
+from llm import plan
+from llm.app import evaluate, schema
+from llm.app import experiments as tasks
+from llm.app.builders import (
     best_checkpoint,
     build,
     build_all,
@@ -30,6 +32,7 @@ from llm.builders import (
     resolve_precision,
 )
 from llm.errors import UserError
+from llm.runtime import launch
 
 schema.register()
 launch.install()  # DDP/FSDP children run this job once, in this run directory (also in a sweep)

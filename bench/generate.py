@@ -36,7 +36,7 @@ def best_times(fns: dict, repeats: int, clock=time.perf_counter) -> dict[str, fl
 
 
 def _run_ours(result: dict, model, prompts: list[list[int]], n: int, eos: int) -> None:
-    from llm.generate import generate
+    from llm.core.sampling import generate
 
     result["ours"] = generate(model, prompts, n, eos_id=eos, pad_id=2)
 

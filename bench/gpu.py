@@ -15,7 +15,7 @@ Each run is a process of its own (a fresh allocator, so its peak memory is its o
 for example, is reported and the next one runs) that trains through lightning.Trainer with our CausalLM and
 PretrainDataModule, no callbacks or loggers, for ``warmup + steps`` steps, and times the ``steps`` after the warm-up
 (compilation happens there) between two device synchronisations. Prints tokens/s, MFU (model FLOPs per token from
-llm.flops, recomputation excluded, against the device's dense bf16 peak from llm.hardware), the peak of
+llm.core.flops, recomputation excluded, against the device's dense bf16 peak from llm.runtime.hardware), the peak of
 torch.cuda.max_memory_allocated next to the planner's estimate (on the CPU: the process's peak RSS, interpreter and
 all), and the first step's time (mostly compilation).
 
@@ -94,10 +94,11 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
     import torch
     from omegaconf import open_dict
 
-    from llm import plan, tasks
-    from llm.builders import build
-    from llm.flops import count_params, flops_per_token
-    from llm.hardware import device_memory_bytes, peak_flops, peak_memory_bytes
+    from llm import plan
+    from llm.app import experiments as tasks
+    from llm.app.builders import build
+    from llm.core.flops import count_params, flops_per_token
+    from llm.runtime.hardware import device_memory_bytes, peak_flops, peak_memory_bytes
 
     on_gpu = run["device"] == "cuda"
     if run["threads"]:

@@ -15,7 +15,7 @@ kept). Its memory is measured in one more process, over 3 steps, where glibc is 
 runs), so that peak RSS follows live memory; the peak is counted from just before the model is built (data,
 imports and the interpreter excluded) and printed next to the memory planner's estimate (``llm.plan``).
 
-Predicted time per token = ``llm.flops.flops_per_token(model, T)`` / R, where R is the FLOP/s achieved at the
+Predicted time per token = ``llm.core.flops.flops_per_token(model, T)`` / R, where R is the FLOP/s achieved at the
 reference point (``--reference MODEL:T``); measured / predicted is 1 where the 6N + 12 L d T count explains the
 time, above 1 where something the count ignores (elementwise work, the loss over the vocabulary, overheads)
 weighs more than at the reference point.
@@ -47,9 +47,9 @@ def child(point: dict) -> dict:
     import train_cpu  # bench/ is this script's directory, first on sys.path
 
     from llm import plan
-    from llm.config import ModelConfig
-    from llm.flops import flops_per_token
-    from llm.tasks import model_config
+    from llm.app.experiments import model_config
+    from llm.core.config import ModelConfig
+    from llm.core.flops import flops_per_token
 
     if point["threads"]:
         torch.set_num_threads(point["threads"])

@@ -63,10 +63,13 @@ from torch.utils.data import DataLoader
 
 from callbacks.checkpoint_io import AtomicCheckpointIO
 from datamodules.dataset import WindowSampler
-from llm import parallelize, plan, tasks
-from llm.builders import build, build_all, resolve_accumulation, resolve_precision
-from llm.model import Transformer
-from llm.module import IGNORE_INDEX, fused_default, param_groups
+from llm import plan
+from llm.app import experiments as tasks
+from llm.app.builders import build, build_all, resolve_accumulation, resolve_precision
+from llm.core.model import Transformer
+from llm.training import parallelize
+from llm.training.module import IGNORE_INDEX
+from llm.training.optim import fused_default, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("torch", "bare", "default")

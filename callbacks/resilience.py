@@ -15,7 +15,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from llm.parallelize import total_norm
+from llm.training.parallelize import total_norm
 
 
 class RngState(L.Callback):

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from llm.generate import generate
+from llm.core.sampling import generate
 
 
 class TextSamples(L.Callback):

@@ -2,7 +2,7 @@
 
 Lightning's ``ThroughputMonitor`` logs under its own names and takes its device peaks from a table that
 lists sparse figures for some GPUs (2.0e15 for H200), which halves MFU; this callback uses the dense peaks
-of ``llm.hardware`` and the FLOPs formula of ``llm.flops`` (the one the planner uses).
+of ``llm.runtime.hardware`` and the FLOPs formula of ``llm.core.flops`` (the one the planner uses).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from datamodules.dataset import data_parallel_rank
-from llm.flops import flops_per_token
-from llm.hardware import peak_flops, peak_memory_bytes
+from llm.core.flops import flops_per_token
+from llm.runtime.hardware import peak_flops, peak_memory_bytes
+from llm.runtime.topology import data_parallel_rank
 
 
 class Throughput(L.Callback):

@@ -19,15 +19,6 @@ from datamodules.packing import TokenShards
 IGNORE_INDEX = -100  # label value the loss ignores (packed pretraining has none; kept for the convention)
 
 
-def data_parallel_rank(trainer) -> tuple[int, int]:
-    """(rank, replicas) of data parallelism under ``trainer``: each replica reads its own batches, and the ranks
-    of a tensor-parallel group share one (Lightning's strategies say so in ``distributed_sampler_kwargs``)."""
-    kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
-    if kwargs:
-        return kwargs["rank"], kwargs["num_replicas"]
-    return trainer.global_rank, trainer.world_size
-
-
 class TokenWindows(Dataset):
     """Non-overlapping ``seq_len + 1`` windows over a token stream written by :mod:`datamodules.packing`.
 

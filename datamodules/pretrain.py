@@ -20,10 +20,11 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from datamodules.base import PreparedDataModule
-from datamodules.dataset import TokenWindows, WindowSampler, data_parallel_rank
+from datamodules.dataset import TokenWindows, WindowSampler
 from datamodules.packing import CorpusSettings, PackedCorpus, prepare_corpus
 from datamodules.sources import EMBEDDED_CORPUS, DataError
 from datamodules.tokenizer import special_ids
+from llm.runtime.topology import data_parallel_rank, process_rank
 
 
 def _plain(value: Any) -> Any:
@@ -186,9 +187,7 @@ class PretrainDataModule(PreparedDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             return data_parallel_rank(trainer)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return process_rank()
 
     def _loader(self, dataset: TokenWindows, sampler: WindowSampler, train: bool) -> DataLoader:
         if self.num_workers > 0:

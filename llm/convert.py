@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from llm.config import ROPE_SCALING_KEYS, ModelConfig
+from llm.core.config import ROPE_SCALING_KEYS, ModelConfig
 from llm.errors import UserError
 
 # our name (inside the Transformer) -> Hugging Face LlamaForCausalLM name
@@ -59,7 +59,7 @@ _LAYER_NAMES_INV = {hf: ours for ours, hf in _LAYER_NAMES.items()}
 _TOP_NAMES_INV = {hf: ours for ours, hf in _TOP_NAMES.items()}
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers 4's default shard size (5 GB); also bounds to-hf's peak memory
-PREFIX = "model."  # the LightningModule (llm.module.CausalLM) holds the Transformer as `model`
+PREFIX = "model."  # the LightningModule (llm.training.module.CausalLM) holds the Transformer as `model`
 _COMPILED = "_orig_mod."  # torch.compile's wrapper inserts this into parameter names
 ROLES = ("bos", "eos", "pad")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,7 +89,7 @@ def from_hf_name(name: str) -> str:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes for `cfg` (a model built on the meta device: no memory, no init)."""
-    from llm.model import Transformer
+    from llm.core.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)

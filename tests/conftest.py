@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from llm import schema
+from llm.app import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

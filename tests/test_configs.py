@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from llm.builders import build_all, resolve_precision
+from llm.app.builders import build_all, resolve_precision
 from tests import conftest
 from tests.conftest import CONF, CORPORA, compose_config
 

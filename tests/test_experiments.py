@@ -16,9 +16,9 @@ from tokenizers import Tokenizer
 import train
 from datamodules.sources import DataError
 from datamodules.tokenizer import train_tokenizer
-from llm.config import ModelConfig
+from llm.app.experiments import merge_model
+from llm.core.config import ModelConfig
 from llm.errors import UserError
-from llm.tasks import merge_model
 from tests.conftest import ROOT, TINY, compose_config
 
 RUN = [o for o in TINY if not o.startswith(("model.", "data."))]  # trainer, sched and callbacks settings

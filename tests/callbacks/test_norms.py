@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from callbacks.norms import Norms, block_of, group_norms
-from llm.config import ModelConfig
-from llm.model import Transformer
+from llm.core.config import ModelConfig
+from llm.core.model import Transformer
 
 LR = 0.5
 

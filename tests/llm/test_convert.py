@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from datamodules.tokenizer import train_tokenizer
 from llm import convert
-from llm.config import ModelConfig
-from llm.model import Transformer
+from llm.core.config import ModelConfig
+from llm.core.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -246,7 +246,7 @@ def test_round_trip_hf_ours_hf_is_bitwise(tmp_path, tokenizer, tied):
 
 
 def test_from_hf_checkpoint_is_accepted_by_init_from(tmp_path, tokenizer, tiny_cfg):
-    from llm import tasks
+    from llm.app import experiments as tasks
 
     hf = hf_random_dir(tmp_path / "hf", tokenizer, tie_word_embeddings=True, num_key_value_heads=1)
     convert.from_hf(tmp_path / "hf", tmp_path / "a.ckpt")

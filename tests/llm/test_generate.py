@@ -8,10 +8,11 @@ import torch
 
 from datamodules.tokenizer import train_tokenizer
 from llm import convert, generate
-from llm.config import ModelConfig
-from llm.generate import generate as run_generate
-from llm.generate import load_for_inference, sample
-from llm.model import Transformer
+from llm.core.config import ModelConfig
+from llm.core.model import Transformer
+from llm.core.sampling import generate as run_generate
+from llm.core.sampling import sample
+from llm.generate import load_for_inference
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.config import ModelConfig
 from llm.convert import from_hf_name
-from llm.model import Transformer, rope_inv_freq
+from llm.core.config import ModelConfig
+from llm.core.model import Transformer, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402

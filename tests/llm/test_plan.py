@@ -37,8 +37,8 @@ def measure(runs: list[dict]) -> list[dict]:
     import gc
     from functools import partial
 
-    from llm.config import ModelConfig
-    from llm.module import CausalLM
+    from llm.core.config import ModelConfig
+    from llm.training.module import CausalLM
 
     def status(key: str) -> int:
         with open("/proc/self/status") as f:
@@ -80,10 +80,10 @@ if __name__ == "__main__":  # the measuring subprocess
 import pytest  # noqa: E402
 
 from llm import plan as planner  # noqa: E402
-from llm.config import ModelConfig  # noqa: E402
+from llm.core.config import ModelConfig  # noqa: E402
+from llm.core.memory import PRECISIONS, Plan, block_activation_bytes  # noqa: E402
+from llm.core.model import Transformer  # noqa: E402
 from llm.errors import UserError  # noqa: E402
-from llm.model import Transformer  # noqa: E402
-from llm.plan import PRECISIONS, Plan, block_activation_bytes  # noqa: E402
 
 FIXED = ["trainer.accelerator=cpu", "trainer.precision=32-true", "plan.device_memory_gb=80"]
 

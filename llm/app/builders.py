@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from llm.errors import UserError
-from llm.hardware import fastest_precision
+from llm.runtime.hardware import fastest_precision
 
 
 def build(node: DictConfig, group: str, **kwargs: Any) -> Any:

@@ -6,7 +6,7 @@ D head_dim, C model dim, V vocabulary.
 
 The layout matches Hugging Face Llama one to one (rotate-half RoPE, RMSNorm in float32, SwiGLU, no biases),
 so its weights load by renaming alone; the names' mapping belongs to the conversion module, not here.
-Training, parallelism and compilation are applied from outside (see llm/parallelize.py).
+Training, parallelism and compilation are applied from outside (see llm/training/parallelize.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.config import ModelConfig
+from llm.core.config import ModelConfig
 
 # `enable_gqa` lets SDPA share K/V heads without materialising the repeats (PyTorch >= 2.5).
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llm.config import ModelConfig
-from llm.flops import attention_flops_per_token, count_params, flops_per_token, matmul_params
-from llm.model import Transformer
+from llm.core.config import ModelConfig
+from llm.core.flops import attention_flops_per_token, count_params, flops_per_token, matmul_params
+from llm.core.model import Transformer
 
-MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+MODEL_CONF = Path(__file__).resolve().parents[3] / "conf" / "model"
 SIZES = sorted(p.stem for p in MODEL_CONF.glob("*.yaml"))
 EXPECTED = {"7b": 6_738_415_616, "13b": 13_015_864_320, "1b": 1_235_814_400}
 
@@ -20,7 +20,7 @@ EXPECTED = {"7b": 6_738_415_616, "13b": 13_015_864_320, "1b": 1_235_814_400}
 def load_size(name: str) -> ModelConfig:
     node = OmegaConf.to_container(OmegaConf.load(MODEL_CONF / f"{name}.yaml"))
     node.pop("defaults", None)  # the Hydra schema entry, not a field
-    assert node.pop("_target_") == "llm.config.ModelConfig"
+    assert node.pop("_target_") == "llm.core.config.ModelConfig"
     cfg = ModelConfig(**node)
     return cfg if cfg.vocab_size is not None else cfg.with_vocab(32000)
 

@@ -19,7 +19,7 @@ Definitions
 
 from __future__ import annotations
 
-from llm.config import ModelConfig
+from llm.core.config import ModelConfig
 
 
 def _vocab(cfg: ModelConfig) -> int:

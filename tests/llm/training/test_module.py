@@ -9,8 +9,15 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from llm.config import ModelConfig
-from llm.module import CausalLM, SequenceClassifier, confusion_image, confusion_markdown, log_confusion, param_groups
+from llm.core.config import ModelConfig
+from llm.training.module import (
+    CausalLM,
+    SequenceClassifier,
+    confusion_image,
+    confusion_markdown,
+    log_confusion,
+    param_groups,
+)
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64, max_seq_len=32)
 LABELS = ["neg", "pos", "zzz"]

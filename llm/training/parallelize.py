@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from llm.config import ModelConfig
+from llm.core.config import ModelConfig
 
 
 def apply(model: nn.Module, cfg: ModelConfig, strategy: Any | None) -> nn.Module:

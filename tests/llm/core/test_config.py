@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm.config import ModelConfig, pad_vocab
+from llm.core.config import ModelConfig, pad_vocab
 
 
 def test_derived_fields():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm.builders import resolve_accumulation
+from llm.app.builders import resolve_accumulation
 from llm.errors import UserError
 from tests.conftest import compose_config
 

@@ -48,10 +48,10 @@ from torchmetrics.text import BLEUScore, ROUGEScore
 
 from datamodules.classify import ClassifyDataModule
 from datamodules.sft import SFTDataModule
-from llm.builders import build_all
-from llm.generate import generate
-from llm.module import IGNORE_INDEX, SequenceClassifier, log_confusion
-from llm.tasks import setting
+from llm.app.builders import build_all
+from llm.app.experiments import setting
+from llm.core.sampling import generate
+from llm.training.module import IGNORE_INDEX, SequenceClassifier, log_confusion
 
 
 def kind_of(module: L.LightningModule, datamodule: L.LightningDataModule) -> str:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 from omegaconf import OmegaConf
 
+from llm.runtime.topology import is_first_process
+
 
 def hydra_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
     """Command and working directory of child ``local_rank``: the current Hydra job, in the current run dir."""
@@ -102,7 +104,7 @@ def write_status(run_dir: str, status: str, **fields: object) -> None:
     import json
     from pathlib import Path
 
-    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0" or os.environ.get("NODE_RANK", "0") != "0":
+    if not is_first_process():
         return
     try:
         path = Path(run_dir)

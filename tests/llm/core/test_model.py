@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm.config import ModelConfig
-from llm.model import KVCache, Transformer
+from llm.core.config import ModelConfig
+from llm.core.model import KVCache, Transformer
 
 
 def debug_config(**overrides) -> ModelConfig:

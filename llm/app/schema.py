@@ -115,10 +115,10 @@ class RootSchema:
 
 # group -> (target, partial, arguments that train.py passes in code rather than from YAML)
 GROUP_TARGETS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
-    "model": ("llm.config.ModelConfig", False, ()),
+    "model": ("llm.core.config.ModelConfig", False, ()),
     "trainer": ("lightning.pytorch.Trainer", False, ("callbacks", "logger", "plugins")),
     "optim": ("torch.optim.AdamW", True, ("params",)),
-    "sched": ("llm.schedule.WarmupCosine", True, ("optimizer", "max_steps")),
+    "sched": ("llm.core.schedule.WarmupCosine", True, ("optimizer", "max_steps")),
 }
 DATA_TARGETS = (
     "datamodules.pretrain.PretrainDataModule",
@@ -129,7 +129,7 @@ DATA_TARGETS = (
 
 def register() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent; called before composing)."""
-    from llm.launch import register_resolvers
+    from llm.runtime.launch import register_resolvers
 
     register_resolvers()
     cs = ConfigStore.instance()

@@ -3,7 +3,7 @@
 - ``pretrain``: a CausalLM from scratch (or continued from ``init_from``) on a text corpus;
 - ``finetune``: a CausalLM from ``init_from`` on instruction data (``data=sft``) or text;
 - ``classify``: a SequenceClassifier whose backbone comes from ``init_from`` (or is new) on ``data=classify``;
-- ``eval``: the module of ``init_from``'s kind (language model or classifier), measured by llm/evaluate.py.
+- ``eval``: the module of ``init_from``'s kind (language model or classifier), measured by llm/app/evaluate.py.
 
 With ``init_from`` the checkpoint decides the model's shape and the tokenizer: ``model.*`` keys that would change
 the weights' meaning (dimensions, vocabulary, rotary base, ...) are taken from it, and one set explicitly on the
@@ -29,11 +29,11 @@ from tokenizers import Tokenizer
 
 from datamodules.classify import ClassifyDataModule
 from datamodules.sft import SFTDataModule
-from llm.builders import build
-from llm.config import ModelConfig
+from llm.app.builders import build
 from llm.convert import load_checkpoint, model_config_of, model_state
+from llm.core.config import ModelConfig
 from llm.errors import UserError
-from llm.module import CHECKPOINT_EXTRAS, CausalLM, SequenceClassifier, TransformerModule
+from llm.training.module import CHECKPOINT_EXTRAS, CausalLM, SequenceClassifier, TransformerModule
 
 TASKS = ("pretrain", "finetune", "classify", "eval")
 # keys that must agree with the weights; the checkpoint's value is used

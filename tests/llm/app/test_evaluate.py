@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llm.evaluate import _limited, classification_metrics, generation_metrics, language_model_metrics, placement
+from llm.app.evaluate import _limited, classification_metrics, generation_metrics, language_model_metrics, placement
 
 
 class FixedLogits(torch.nn.Module):

@@ -26,59 +26,13 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from llm import parallelize
-from llm.config import ModelConfig
-from llm.model import Transformer
+from llm.core.config import ModelConfig
+from llm.core.model import Transformer
+from llm.training import parallelize
+from llm.training.optim import fused_default, loss_scaled, param_groups
 
 IGNORE_INDEX = -100
 CHECKPOINT_EXTRAS = ("special_tokens", "hf_tokenizer_config")  # a converted checkpoint's, carried along
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on the weight matrices of attention and MLP only.
-
-    Norm gains and biases are not decayed (pulling a gain towards 0 changes what the layer computes, not
-    its complexity). The token embedding is not decayed either: decoupled decay shrinks every row at every
-    step, while a rare token's row only receives gradient when the token occurs, so decay would steadily
-    erase rare tokens (OLMo 2 drops embedding decay for the same reason). With tied embeddings the output
-    head is that same tensor and follows the same choice. Frozen parameters are left out.
-    """
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def loss_scaled(plugin: Any) -> bool:
-    """Whether the precision plugin scales the loss (16-mixed's GradScaler): then gradients need unscaling."""
-    return getattr(plugin, "scaler", None) is not None
-
-
-def fused_default(factory: Callable[..., torch.optim.Optimizer], params) -> dict[str, bool]:
-    """``{"fused": True}`` when ``optim.fused`` is left null and PyTorch has a fused kernel for this optimizer and
-    these parameters (Adam/AdamW on CUDA or CPU), else ``{}``: the fused step is the fastest (CPU: 1.02-1.04x the
-    per-tensor loop, bench/train_cpu.py) and it can skip a non-finite step on the device, which keeps
-    callbacks.resilience.NonFiniteGuard free of host-device synchronisations."""
-    import inspect
-
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    keywords = getattr(factory, "keywords", {})
-    func = getattr(factory, "func", factory)
-    if (
-        keywords.get("fused") is not None
-        or keywords.get("foreach")
-        or "fused" not in inspect.signature(func).parameters
-    ):
-        return {}
-    devices = set(_get_fused_kernels_supported_devices())
-    if all(p.is_floating_point() and p.device.type in devices for p in params):
-        return {"fused": True}
-    return {}
 
 
 class TransformerModule(L.LightningModule):
@@ -228,7 +182,7 @@ class CausalLM(TransformerModule):
 
 
 class ClassifierHead(nn.Linear):
-    """Linear (C -> n_classes) drawn from N(0, std), bias 0; see llm.model.Linear for why std is kept."""
+    """Linear (C -> n_classes) drawn from N(0, std), bias 0; see llm.core.model.Linear for why std is kept."""
 
     def __init__(self, in_features: int, n_classes: int, std: float) -> None:
         self.std = std
