@@ -16,8 +16,8 @@ from llm.training.module import (
     confusion_image,
     confusion_markdown,
     log_confusion,
-    param_groups,
 )
+from llm.training.optim import param_groups
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64, max_seq_len=32)
 LABELS = ["neg", "pos", "zzz"]
