@@ -1,7 +1,8 @@
 """Train, finetune or evaluate a language model: `python train.py [group=option] [key=value ...]`.
 
-Composes conf/config.yaml with Hydra, then: seed, data, model, callbacks, loggers, Trainer, fit, and a
-final validation of the best checkpoint. Returns the validation loss, so Hydra sweepers can minimise it.
+Composes conf/config.yaml with Hydra, resolves it once (llm/app/spec.py), then: seed, memory check, data, model,
+callbacks, loggers, Trainer, fit, and a final validation of the best checkpoint. Returns the validation loss (the
+last training loss when validation is off), so Hydra sweepers can minimise it.
 """
 
 from __future__ import annotations
@@ -9,71 +10,89 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import hydra
 import lightning as L
-from hydra.errors import InstantiationException
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from callbacks.checkpoint_io import AtomicCheckpointIO
-from callbacks.resilience import TrainingDiverged
-from datamodules.sources import DataError
-from llm import plan
 from llm.app import evaluate, schema
-from llm.app import experiments as tasks
-from llm.app.builders import (
-    best_checkpoint,
-    build,
-    build_all,
-    check_resume,
-    resolve_accumulation,
-    resolve_ckpt_path,
-    resolve_precision,
-)
-from llm.errors import UserError
+from llm.app.builders import build, build_all
+from llm.app.spec import RunSpec, memory_plan, resolve
+from llm.core.memory import check
+from llm.errors import LLMError
 from llm.runtime import launch
+from llm.training.checkpoint import AtomicCheckpointIO, best_checkpoint, check_resume
 
 schema.register()
 launch.install()  # DDP/FSDP children run this job once, in this run directory (also in a sweep)
 
 
+@dataclass
+class Outcome:
+    """How a job ended: the value a sweeper minimises, the status for status.json and what else it records."""
+
+    value: float
+    status: str = "ok"  # "ok", or "stopped" by a signal (resume with ckpt_path=last)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
 def train(cfg: DictConfig) -> float:
-    L.seed_everything(cfg.seed, workers=True)
-    resolve_precision(cfg)  # before the planner, so that it and the Trainer see the same precision
-    resolve_accumulation(cfg)
-    init = tasks.load_init(cfg)  # init_from: weights, model shape (set into cfg.model) and tokenizer; or None
-    if cfg.plan.check and cfg.task != "eval":  # refuse a run that cannot fit (python -m llm.plan shows the table)
-        plan.check(plan.plan_from_config(cfg))
+    """Runs the job ``cfg`` describes; returns its final val/loss (NaN when stopped by a signal)."""
+    return run(cfg).value
 
-    datamodule = tasks.build_datamodule(cfg, init)
+
+def run(cfg: DictConfig) -> Outcome:
+    spec = resolve(cfg)
+    L.seed_everything(spec.seed, workers=True)
+    if cfg.plan.check and spec.experiment.trains:  # refuse a run that cannot fit (python -m llm.plan: the table)
+        check(memory_plan(spec))
+
+    datamodule = spec.experiment.build_datamodule(spec)
     datamodule.prepare()  # before the model: its vocabulary follows the tokenizer
-    datamodule.save_artifacts(cfg.run_dir)
-
-    module = tasks.build_module(cfg, datamodule, init)
-    if cfg.task == "eval":  # no training: measure init_from on the data, write eval.json
-        return evaluate.run(cfg, module, datamodule)
+    datamodule.save_artifacts(spec.run_dir)
+    module = spec.experiment.build_module(spec, datamodule)
+    if not spec.experiment.trains:  # measure init_from on the data, write eval.json
+        return Outcome(evaluate.run(spec, module, datamodule))
 
     trainer: L.Trainer = build(
         cfg.trainer,
         "trainer",
-        callbacks=build_all(cfg.callbacks),
+        **spec.trainer_arguments(),
+        callbacks=build_all(cfg.callbacks, hparams={"planned_memory_gb": _planned_memory_gb(spec, module)}),
         logger=build_all(cfg.logger),
         plugins=[AtomicCheckpointIO()],
     )
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.run_dir)
-    check_resume(ckpt_path, module)
+    check_resume(spec.ckpt_path, module.config)
     try:
-        if ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
+        if spec.ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=spec.ckpt_path)
     except SIGTERMException:  # Lightning cuts a validation short on SIGTERM; LastCheckpoint saved what there was
-        return float("nan")
+        return Outcome(float("nan"), "stopped", {"val_loss": float("nan")})
     if any(getattr(cb, "stopped_by", None) for cb in trainer.callbacks):
-        return float("nan")  # stopped by a signal: saved, and no final validation to wait for
+        return Outcome(
+            float("nan"), "stopped", {"val_loss": float("nan")}
+        )  # saved, and no final validation to wait for
 
+    if trainer.limit_val_batches == 0:  # validation off: there is no val/loss, the last training loss stands in
+        train_loss = float(trainer.callback_metrics["train/loss"])
+        return Outcome(train_loss, fields={"validation": "off", "train_loss": train_loss})
     results = trainer.validate(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))
-    return float(results[0]["val/loss"])
+    return Outcome(float(results[0]["val/loss"]), fields={"val_loss": float(results[0]["val/loss"])})
+
+
+def _planned_memory_gb(spec: RunSpec, module: Any) -> float | None:
+    """The planner's peak per device (GiB, as perf/peak_memory_gb) with the tokenizer's vocabulary, for HParams."""
+    try:
+        total = float(memory_plan(spec, vocab_size=module.config.vocab_size).total)
+    except LLMError as err:  # an estimate to look at, never a reason to stop a run (plan.check decides that)
+        rank_zero_warn(f"no planned memory for the HParams tab ({err})")
+        return None
+    return total / 2**30 if math.isfinite(total) else None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -83,31 +102,31 @@ def main(cfg: DictConfig) -> float:
     start = time.time()
     try:
         with launch.job_scope():
-            val_loss = train(cfg)
+            outcome = run(cfg)
     except Exception as err:  # noqa: BLE001 - classified just below
-        message = user_error_message(err)
+        deliberate = isinstance(err, LLMError)  # raised on purpose, the message says what to fix; else a bug
         launch.write_status(
-            cfg.run_dir, "failed", error=message or f"{type(err).__name__}: {err}", wall_s=time.time() - start
+            cfg.run_dir,
+            "failed",
+            error=str(err) if deliberate else f"{type(err).__name__}: {err}",
+            wall_s=_since(start),
         )
         if launch.in_sweep():
-            print(f"error: {message or repr(err)} (job recorded as failed; the sweep continues)", file=sys.stderr)
+            print(
+                f"error: {err if deliberate else repr(err)} (job recorded as failed; the sweep continues)",
+                file=sys.stderr,
+            )
             return math.inf  # worst for any sweeper that minimises; Optuna's sweeper refuses NaN
-        if message is None:
+        if not deliberate:
             raise  # a bug, not a user's mistake: keep the traceback
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    status = "stopped" if math.isnan(val_loss) else "ok"  # stopped by a signal: resume with ckpt_path=last
-    launch.write_status(cfg.run_dir, status, val_loss=val_loss, wall_s=time.time() - start)
-    return val_loss
+    launch.write_status(cfg.run_dir, outcome.status, **outcome.fields, wall_s=_since(start))
+    return outcome.value
 
 
-def user_error_message(err: BaseException) -> str | None:
-    """The one-line message of a user's mistake (a wrong value, a bad file, a diverged run), else None."""
-    if isinstance(err, (UserError, DataError, TrainingDiverged)):
-        return str(err)
-    if isinstance(err, InstantiationException) and isinstance(err.__cause__, (ValueError, TypeError)):
-        return str(err.__cause__)  # a constructor refused a configured value
-    return None
+def _since(start: float) -> float:
+    return time.time() - start
 
 
 if __name__ == "__main__":

@@ -55,14 +55,14 @@ def _cpu() -> float:
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
-    from datamodules.packing import CorpusSettings, prepare_corpus
+    from datamodules.corpus import CorpusSettings, prepare_corpus
 
     settings = CorpusSettings(**job["settings"])
     out: dict[str, Any] = {}
     if job["kind"] == "bare":
         from tokenizers import Tokenizer
 
-        from datamodules.packing import ENCODE_BATCH_BYTES
+        from datamodules.encoding import ENCODE_BATCH_BYTES
         from datamodules.sources import find_files, read_documents
 
         files, _ = find_files(settings.paths)

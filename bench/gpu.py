@@ -5,11 +5,14 @@
     python bench/gpu.py --device cpu --tiny        # the same code paths on the CPU, on a tiny model, in a minute
 
 A run is MODEL:TRAINER. MODEL ``1b`` is conf/model/1b.yaml; ``7b`` is conf/model/7b.yaml's width (dim 4096, ffn
-11008, 32 heads, vocabulary 32000) with as many layers as the memory planner (llm/plan.py) says fit in 90% of the
-device's memory for that trainer (``--layers`` to choose). TRAINER ``fsdp`` is trainer=fsdp on one device (FSDP2,
-bf16 compute / fp32 reduce) with activation checkpointing; ``gpu`` is trainer=gpu (one device, bf16-mixed
-autocast; it has no activation checkpointing). Both: bf16, ``model.compile=true`` (each block compiled), data=corpus
-(the embedded corpus, its tokenizer; the model keeps its own vocabulary size), ``data.seq_len`` 2048, no validation.
+11008, 32 heads, vocabulary 32000) with as many layers as the memory planner (llm/core/memory.py, on the run as
+llm/app/spec.py resolves it) says fit in 90% of the device's memory for that trainer (``--layers`` to choose).
+TRAINER ``fsdp`` is trainer=fsdp on one device (FSDP2, bf16 compute / fp32 reduce) with activation checkpointing;
+``gpu`` is trainer=gpu (one device, bf16-mixed autocast; it has no activation checkpointing). Both: bf16,
+``model.compile=true`` (each block compiled), data=corpus (the embedded corpus, its tokenizer; the model keeps its
+own vocabulary size), ``data.seq_len`` 2048, no validation. Each run is composed and resolved once as train.py does
+it (``resolve`` in llm/app/spec.py: its precision and gradient accumulation), its DataModule and module built by
+the run's experiment, its Trainer given the resolved settings.
 
 Each run is a process of its own (a fresh allocator, so its peak memory is its own; one that fails, out of memory
 for example, is reported and the next one runs) that trains through lightning.Trainer with our CausalLM and
@@ -49,7 +52,7 @@ FIT_FRACTION = 0.9  # of device memory the planner may fill when choosing the 7b
 
 
 def overrides_of(run: dict[str, Any]) -> list[str]:
-    """train.py overrides of one run (without the 7b-width layer count)."""
+    """train.py overrides of one run (without the 7b-width layer count, the run directory and the data cache)."""
     model, trainer = run["model"], run["trainer"]
     out = [f"model={'tiny' if run['tiny'] else model}"]
     if trainer == "fsdp":
@@ -74,13 +77,15 @@ def overrides_of(run: dict[str, Any]) -> list[str]:
 
 def fitting_layers(run: dict[str, Any], vocab_size: int, memory: int) -> int:
     """The most layers of the 7b width (tiny's with --tiny) whose planned peak fits FIT_FRACTION of `memory`."""
-    from llm import plan
+    from llm.app import schema
+    from llm.app.spec import memory_plan, resolve
 
     base = overrides_of(run)
     best = 0
     for layers in range(1, run["max_layers"] + 1):
-        cfg = plan.compose([*base, f"model.n_layers={layers}", f"plan.device_memory_gb={memory / 1e9}"])
-        if plan.plan_from_config(cfg, vocab_size=vocab_size).total > FIT_FRACTION * memory:
+        overrides = [*base, f"model.n_layers={layers}", f"plan.device_memory_gb={memory / 1e9}"]
+        spec = resolve(schema.compose(overrides), overrides=overrides)
+        if memory_plan(spec, vocab_size=vocab_size).total > FIT_FRACTION * memory:
             break
         best = layers
     if best == 0:
@@ -92,11 +97,10 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
     """Train one run in this process and measure it."""
     import lightning as L
     import torch
-    from omegaconf import open_dict
+    import train_cpu  # bench/ is this script's directory, first on sys.path
 
-    from llm import plan
-    from llm.app import experiments as tasks
     from llm.app.builders import build
+    from llm.app.spec import memory_plan
     from llm.core.flops import count_params, flops_per_token
     from llm.runtime.hardware import device_memory_bytes, peak_flops, peak_memory_bytes
 
@@ -107,23 +111,20 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit("error: no GPU visible (use --device cpu --tiny to exercise the script on the CPU)")
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     memory = int(run["memory_gb"] * 1e9) if run["memory_gb"] else device_memory_bytes(device)
-    root = Path(__file__).resolve().parents[1]
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = plan.compose([*overrides_of(run), f"plan.device_memory_gb={memory / 1e9}"])
-        with open_dict(cfg):
-            cfg.run_dir = tmp
-            if not Path(cfg.data.cache_dir).is_absolute():  # the cache `python train.py` uses, from any cwd
-                cfg.data.cache_dir = str(root / cfg.data.cache_dir)
-        dm = tasks.build_datamodule(cfg, None)
+        overrides = [*overrides_of(run), f"plan.device_memory_gb={memory / 1e9}"]
+        # composed and resolved as train.py does it, in tmp, with the data cache `python train.py` uses
+        spec = train_cpu.run_spec(overrides, tmp, base=())
+        dm = spec.experiment.build_datamodule(spec)
         dm.prepare()
         layers = run["layers"]
         if run["model"] == "7b" and layers is None:
             layers = fitting_layers(run, dm.vocab_size, memory)
-        if layers is not None:
-            cfg.model.n_layers = layers
-        planned = plan.plan_from_config(cfg, vocab_size=dm.vocab_size)
-        model_cfg = tasks.model_config(cfg, dm, None)
+        if layers is not None:  # the same data: only the model's depth differs
+            spec = train_cpu.run_spec([*overrides, f"model.n_layers={layers}"], tmp, base=())
+        planned = memory_plan(spec, vocab_size=dm.vocab_size)
+        model_cfg = spec.experiment.model_config(spec, dm)
 
         marks: dict[str, float] = {}
         steps, warmup = run["steps"], run["warmup"]
@@ -148,19 +149,19 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
                 if idx == warmup + steps - 1:
                     marks["end"] = sync_time()
 
-        with open_dict(cfg):
-            cfg.trainer.max_steps = warmup + steps
         trainer: L.Trainer = build(
-            cfg.trainer,
+            spec.cfg.trainer,
             "trainer",
+            **spec.trainer_arguments(),
+            max_steps=warmup + steps,
             callbacks=[Timer()],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = tasks.build_module(cfg, dm)
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        module = spec.experiment.build_module(spec, dm)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
         trainer.fit(module, datamodule=dm)
@@ -310,12 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if runs[0]["threads"]:  # on a shared CPU, one thread: OpenMP's barriers make 2 threads on a busy machine crawl
         env["OMP_NUM_THREADS"] = str(runs[0]["threads"])
-    if args.sdpa:
-        from llm import plan
+    if args.sdpa:  # the model's shape only: composed, not resolved (that would ask the device here, not in a child)
+        from llm.app import schema
 
         shapes = {}
         for name in dict.fromkeys("tiny" if args.tiny else r["model"] for r in runs):
-            m = plan.compose([f"model={name}"]).model
+            m = schema.compose([f"model={name}"]).model
             shapes[name] = [m.n_heads, m.n_kv_heads or m.n_heads, m.dim // m.n_heads]
         job = {"device": args.device, "shapes": shapes, "seq_len": runs[0]["seq_len"], "batch": args.batch}
         print(f"SDPA, causal, bf16, forward + backward, batch {args.batch} x {job['seq_len']} tokens:", flush=True)

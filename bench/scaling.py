@@ -13,7 +13,8 @@ Every point runs in processes of its own, the points taking turns over ``--round
 kept). Its memory is measured in one more process, over 3 steps, where glibc is told to return every freed block of
 64 KiB or more to the system (``MALLOC_MMAP_THRESHOLD_``, as tests/llm/test_plan.py does; it would slow the timed
 runs), so that peak RSS follows live memory; the peak is counted from just before the model is built (data,
-imports and the interpreter excluded) and printed next to the memory planner's estimate (``llm.plan``).
+imports and the interpreter excluded) and printed next to the memory planner's estimate of the run as train.py
+resolves it (``memory_plan`` in llm/app/spec.py; the estimate is llm/core/memory.py).
 
 Predicted time per token = ``llm.core.flops.flops_per_token(model, T)`` / R, where R is the FLOP/s achieved at the
 reference point (``--reference MODEL:T``); measured / predicted is 1 where the 6N + 12 L d T count explains the
@@ -42,12 +43,12 @@ def _status(key: str) -> int:
 
 
 def child(point: dict) -> dict:
-    """One point, in this process: compose, prepare data, reset the peak, train, report (a JSON-able dict)."""
+    """One point, in this process: compose and resolve, prepare data, reset the peak, train, report (a JSON-able
+    dict)."""
     import torch
     import train_cpu  # bench/ is this script's directory, first on sys.path
 
-    from llm import plan
-    from llm.app.experiments import model_config
+    from llm.app.spec import memory_plan
     from llm.core.config import ModelConfig
     from llm.core.flops import flops_per_token
 
@@ -57,22 +58,22 @@ def child(point: dict) -> dict:
     T, batch = point["seq_len"], point["batch"]
     overrides = [f"model={point['model']}", f"data.seq_len={T}", f"data.batch_size={batch}", *point["set"]]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = train_cpu.compose(overrides, tmp)
-        if cfg.model.max_seq_len < T:  # positions are computed, not learned: a longer table costs nothing else
-            cfg = train_cpu.compose([*overrides, f"model.max_seq_len={T}"], tmp)
-        dm = train_cpu.datamodule_of(cfg, {})
-        model: ModelConfig = model_config(cfg, dm, None)
-        planned = plan.plan_from_config(cfg, vocab_size=dm.vocab_size).total
+        spec = train_cpu.run_spec(overrides, tmp)
+        if spec.model.max_seq_len < T:  # positions are computed, not learned: a longer table costs nothing else
+            spec = train_cpu.run_spec([*overrides, f"model.max_seq_len={T}"], tmp)
+        dm = train_cpu.datamodule_of(spec, {})
+        model: ModelConfig = spec.experiment.model_config(spec, dm)
+        planned = memory_plan(spec, vocab_size=dm.vocab_size).total
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # peak RSS (VmHWM) := current RSS
         baseline = _status("VmRSS")
-        record = train_cpu.train_torch(cfg, dm, point["warmup"] + point["steps"] + 1, clock)
+        record = train_cpu.train_torch(spec, dm, point["warmup"] + point["steps"] + 1, clock)
         peak = _status("VmHWM") - baseline
     seconds, wait = record.window(point["warmup"], point["steps"])
     return {
         **point,
-        "precision": str(cfg.trainer.precision),
+        "precision": spec.precision,
         "seconds_per_step": seconds / point["steps"],
         "tokens_per_step": record.tokens_per_batch,
         "flops_per_token": flops_per_token(model, T),

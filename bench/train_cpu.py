@@ -5,7 +5,9 @@
 
 The model, data, optimizer, schedule, precision and gradient clipping are those `python train.py` composes from
 conf/ (model=tiny, data=corpus: the embedded corpus, its vocabulary from the tokenizer), with `--set` overrides
-for every variant. Validation is off (`trainer.limit_val_batches=0`): it is not part of a training step. Variants:
+for every variant, resolved once as train.py resolves them (``resolve`` in llm/app/spec.py: the precision, ``auto``
+made concrete, and the gradient accumulation), the DataModule and the module built by the run's experiment.
+Validation is off (`trainer.limit_val_batches=0`): it is not part of a training step. Variants:
 
 - ``torch``: a hand-written loop: the DataModule's dataset and sampler in a plain DataLoader, our Transformer, the
   same loss, autocast when the precision is bf16-mixed, backward, clip_grad_norm_, AdamW and the schedule;
@@ -43,13 +45,14 @@ import contextlib
 import cProfile
 import io
 import logging
+import math
 import os
 import pstats
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,17 +60,16 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
-from callbacks.checkpoint_io import AtomicCheckpointIO
 from datamodules.dataset import WindowSampler
-from llm import plan
-from llm.app import experiments as tasks
-from llm.app.builders import build, build_all, resolve_accumulation, resolve_precision
+from llm.app import schema
+from llm.app.builders import build, build_all
+from llm.app.spec import RunSpec, memory_plan, resolve
 from llm.core.model import Transformer
+from llm.errors import LLMError
 from llm.training import parallelize
+from llm.training.checkpoint import AtomicCheckpointIO
 from llm.training.module import IGNORE_INDEX
 from llm.training.optim import fused_default, param_groups
 
@@ -84,7 +86,7 @@ BASE = ["trainer.accelerator=cpu", "trainer.limit_val_batches=0"]
 class Variant:
     name: str  # as given on the command line
     kind: str  # torch | bare | default
-    cfg: DictConfig
+    spec: RunSpec
     threads: int | None = None  # torch.set_num_threads while this variant runs (None: --threads)
 
 
@@ -102,31 +104,36 @@ def parse_variant(spec: str) -> tuple[str, list[str], int | None]:
     return kind, overrides, threads
 
 
-def compose(overrides: list[str], run_dir: str | Path) -> DictConfig:
-    """What train.py composes and resolves (precision, accumulation) for these overrides, in run_dir."""
-    cfg = plan.compose([*BASE, *overrides])
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
-        if "cache_dir" in cfg.data and not Path(cfg.data.cache_dir).is_absolute():
-            cfg.data.cache_dir = str(ROOT / cfg.data.cache_dir)  # the cache `python train.py` uses, from any cwd
-    resolve_precision(cfg)
-    resolve_accumulation(cfg)
-    return cfg
+def quoted(value: str | Path) -> str:
+    """A Hydra override value that stays one string whatever it holds (a path with spaces, `=`, `,` ...)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def run_spec(overrides: Sequence[str], run_dir: str | Path, base: Sequence[str] = BASE) -> RunSpec:
+    """The run train.py composes and resolves (llm/app/spec.py) for ``base`` + ``overrides``, in run_dir; a relative
+    ``data.cache_dir`` is taken from the repository root, as `python train.py` run there takes it, from any cwd."""
+    given = [*base, *overrides, f"run_dir={quoted(run_dir)}"]
+    cfg = schema.compose(given)
+    cache_dir = cfg.data.get("cache_dir")
+    if cache_dir is not None and not Path(str(cache_dir)).expanduser().is_absolute():
+        given.append(f"data.cache_dir={quoted(ROOT / str(cache_dir))}")
+        cfg = schema.compose(given)
+    return resolve(cfg, overrides=given)
 
 
 def build_variants(specs: list[str], common: list[str], run_dir: Path) -> list[Variant]:
     variants = []
     for spec in specs:
         kind, own, threads = parse_variant(spec)
-        variants.append(Variant(spec, kind, compose([*common, *own], run_dir / str(len(variants))), threads))
+        variants.append(Variant(spec, kind, run_spec([*common, *own], run_dir / str(len(variants))), threads))
     return variants
 
 
-def datamodule_of(cfg: DictConfig, cache: dict[str, Any]) -> L.LightningDataModule:
-    """One prepared DataModule per data config (variants with the same data share it)."""
-    key = str(cfg.data)
+def datamodule_of(spec: RunSpec, cache: dict[str, Any]) -> L.LightningDataModule:
+    """One prepared DataModule per data config (variants with the same data share it), built as train.py does."""
+    key = str(spec.cfg.data)
     if key not in cache:
-        dm = tasks.build_datamodule(cfg, None)
+        dm = spec.experiment.build_datamodule(spec)
         dm.prepare()
         cache[key] = dm
     return cache[key]
@@ -174,23 +181,33 @@ def total_steps(args: argparse.Namespace) -> int:
     return args.warmup + args.steps + 1  # +1: the last step's one-off work (LastCheckpoint saves) is outside
 
 
-def train_torch(cfg: DictConfig, dm: L.LightningDataModule, steps: int, clock: Callable[[], float]) -> Round:
-    """The bare loop: the same model, batches, loss, precision, clipping, optimizer and schedule as the Trainer's."""
+def train_torch(
+    spec: RunSpec,
+    dm: L.LightningDataModule,
+    steps: int,
+    clock: Callable[[], float],
+    max_steps: int | None = None,
+) -> Round:
+    """The bare loop: the same model, batches, loss, precision, clipping, optimizer and schedule as the Trainer's.
+
+    ``max_steps``: the schedule's length (None: the config's ``trainer.max_steps``)."""
     record = Round()
-    precision = str(cfg.trainer.precision)
+    cfg = spec.cfg
+    precision = spec.precision
     if precision not in ("32-true", "32", "bf16-mixed"):
         raise SystemExit(f"error: the torch variant runs 32-true and bf16-mixed, not trainer.precision={precision}")
-    accumulate = int(cfg.trainer.accumulate_grad_batches or 1)
+    accumulate = spec.accumulation
     clip = cfg.trainer.get("gradient_clip_val")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model_cfg = tasks.model_config(cfg, dm, None)
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    model_cfg = spec.experiment.model_config(spec, dm)
     model = Transformer(model_cfg)  # drawn from the same seed as CausalLM.configure_model in the Lightning variants
     parallelize.apply(model, model_cfg, None)  # model.compile=true compiles each block, as in training
     model.train()
-    optimizer_factory = instantiate(cfg.optim)
+    optimizer_factory = build(cfg.optim, "optim")  # as the experiment builds it for the module
     groups = param_groups(model, optimizer_factory.keywords.get("weight_decay", 0.0))
     optimizer = optimizer_factory(groups, **fused_default(optimizer_factory, model.parameters()))  # as the module
-    scheduler = instantiate(cfg.sched)(optimizer, max_steps=int(cfg.trainer.max_steps))
+    schedule_steps = int(cfg.trainer.max_steps) if max_steps is None else max_steps
+    scheduler = build(cfg.sched, "sched")(optimizer, max_steps=schedule_steps)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     sampler = WindowSampler(dm.train_dataset, shuffle=True, seed=dm.seed, rank=0, world_size=1)
     loader = DataLoader(
@@ -245,7 +262,7 @@ def quiet() -> Any:
 
 
 def train_lightning(
-    cfg: DictConfig,
+    spec: RunSpec,
     dm: L.LightningDataModule,
     kind: str,
     steps: int,
@@ -258,8 +275,7 @@ def train_lightning(
     record = Round()
     timer = StepClock(clock, record)
     first = list(first or [])
-    with open_dict(cfg):
-        cfg.trainer.max_steps = steps * int(cfg.trainer.accumulate_grad_batches or 1)
+    cfg = spec.cfg
     if kind == "bare":
         extra = dict(
             callbacks=[*first, timer],
@@ -269,28 +285,40 @@ def train_lightning(
             enable_model_summary=False,
         )
     else:  # as train.py builds it
-        extra = dict(callbacks=[*first, *build_all(cfg.callbacks), timer], logger=build_all(cfg.logger))
+        hparams = {"planned_memory_gb": planned_memory_gb(spec, dm)}
+        extra = dict(
+            callbacks=[*first, *build_all(cfg.callbacks, hparams=hparams), timer], logger=build_all(cfg.logger)
+        )
         extra["plugins"] = [AtomicCheckpointIO()]
     with quiet():
-        trainer: L.Trainer = build(cfg.trainer, "trainer", **extra)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = tasks.build_module(cfg, dm)
+        trainer: L.Trainer = build(
+            cfg.trainer, "trainer", **spec.trainer_arguments(), max_steps=steps * spec.accumulation, **extra
+        )
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        module = spec.experiment.build_module(spec, dm)
         module.configure_model()  # the weights drawn now, from the seed, as in the torch loop
         trainer.fit(module, datamodule=dm)
     return record
 
 
+def planned_memory_gb(spec: RunSpec, dm: L.LightningDataModule) -> float | None:
+    """What train.py gives the HParams callback: the planner's peak per device (GiB) with the tokenizer's
+    vocabulary; None when the planner cannot tell."""
+    try:
+        total = float(memory_plan(spec, vocab_size=dm.vocab_size).total)
+    except LLMError:
+        return None
+    return total / 2**30 if math.isfinite(total) else None
+
+
 def run(variant: Variant, dm: L.LightningDataModule, steps: int, clock: Callable[[], float]) -> Round:
-    cfg = variant.cfg.copy()
-    with open_dict(cfg):
-        cfg.trainer.max_steps = steps
     threads = torch.get_num_threads()
     if variant.threads:
         torch.set_num_threads(variant.threads)
     try:
         if variant.kind == "torch":
-            return train_torch(cfg, dm, steps, clock)
-        return train_lightning(cfg, dm, variant.kind, steps, clock)
+            return train_torch(variant.spec, dm, steps, clock, max_steps=steps)
+        return train_lightning(variant.spec, dm, variant.kind, steps, clock)
     finally:
         torch.set_num_threads(threads)
 
@@ -333,11 +361,12 @@ def count_syncs(variant: Variant, dm: L.LightningDataModule, args: argparse.Name
                 self.mode = Syncs()
                 self.mode.__enter__()
 
-    train_lightning(variant.cfg.copy(), dm, variant.kind, total_steps(args), time.perf_counter, first=[Window()])
+    train_lightning(variant.spec, dm, variant.kind, total_steps(args), time.perf_counter, first=[Window()])
     device = sum(n for where, n in calls.items() if not where.startswith("host: "))
     print(
         f"\n{variant.name}: {device} tensor-to-Python reads that are host-device syncs on a GPU in {args.steps} steps "
-        f"({device / args.steps:.2f} per step; trainer.log_every_n_steps={variant.cfg.trainer.log_every_n_steps}), "
+        f"({device / args.steps:.2f} per step; "
+        f"trainer.log_every_n_steps={variant.spec.cfg.trainer.log_every_n_steps}), "
         "innermost code first:"
     )
     for where, n in sorted(calls.items(), key=lambda kv: (kv[0].startswith("host: "), -kv[1])):
@@ -428,12 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         variants = build_variants(args.variants, args.set, Path(tmp))
         data: dict[str, Any] = {}
         for v in variants:
-            datamodule_of(v.cfg, data)
-        ref = variants[0].cfg
+            datamodule_of(v.spec, data)
+        ref = variants[0].spec
         print(
             f"first variant: model={ref.model.dim}x{ref.model.n_layers} (vocab {datamodule_of(ref, data).vocab_size}), "
-            f"batch {ref.data.batch_size} x seq {ref.data.seq_len}, precision {ref.trainer.precision}, "
-            f"optim fused={ref.optim.get('fused')}, compile={ref.model.compile}; {args.warmup} warm-up + "
+            f"batch {ref.cfg.data.batch_size} x seq {ref.cfg.data.seq_len}, precision {ref.precision}, "
+            f"optim fused={ref.cfg.optim.get('fused')}, compile={ref.model.compile}; {args.warmup} warm-up + "
             f"{args.steps} measured steps, {args.rounds} rounds; CPU, {torch.get_num_threads()} threads, "
             f"{args.clock} clock; torch {torch.__version__}, lightning {L.__version__}"
         )
@@ -441,19 +470,19 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [v for v in variants if v.name == args.profile]
             if not chosen:
                 parser.error(f"--profile {args.profile}: not one of --variants {args.variants}")
-            profile(chosen[0], datamodule_of(chosen[0].cfg, data), args)
+            profile(chosen[0], datamodule_of(chosen[0].spec, data), args)
             return 0
         if args.syncs:
             for v in variants:
                 if v.kind != "torch":
-                    count_syncs(v, datamodule_of(v.cfg, data), args)
+                    count_syncs(v, datamodule_of(v.spec, data), args)
             return 0
 
         rounds: dict[str, list[Round]] = {v.name: [] for v in variants}
         for r in range(args.rounds):
             order = variants if r % 2 == 0 else variants[::-1]
             for v in order:
-                rounds[v.name].append(run(v, datamodule_of(v.cfg, data), total_steps(args), clock))
+                rounds[v.name].append(run(v, datamodule_of(v.spec, data), total_steps(args), clock))
 
     report(variants, rounds, args)
     if args.loss_every:

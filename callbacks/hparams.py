@@ -9,25 +9,24 @@ minimises; the tab shows the last value of each tag. A run that fails still show
 reached.
 
 The callback also logs ``perf/planned_memory_gb`` once, at the start of training: the memory planner's estimate of
-the peak per device (``llm.plan.plan_from_config``, as train.py's pre-flight check computes it), in GiB like the
+the peak per device, which train.py computes from the resolved run (llm/app/spec.py) and passes in, in GiB like the
 measured ``perf/peak_memory_gb`` of callbacks/throughput.py, so the two can be compared on one chart.
 
-``params`` and ``plan`` come from the config by interpolation (conf/callbacks/default.yaml), so train.py passes
-nothing: ``params`` lists what the tab shows; ``plan`` holds the groups the planner reads (model, data, trainer,
-optim, plan). The ``model.*`` values are replaced by those of the model as built (its vocabulary follows the
-tokenizer).
+``params`` comes from the config by interpolation (conf/callbacks/default.yaml) and lists what the tab shows. The
+values the run derives are replaced by those it actually used: ``model.*`` by the model as built (its vocabulary
+follows the tokenizer), ``trainer.precision`` and ``trainer.accumulate_grad_batches`` by the Trainer's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+
+from llm.errors import UserError
 
 # HParams-tab tag -> the metric it reports (those a run logs; a classifier has val/f1, a language model val/ppl)
 METRICS = {
@@ -67,26 +66,24 @@ class HParams(L.Callback):
 
     Args:
         params: the settings to show, a nested dict (flattened with dots).
-        plan: the config groups ``llm.plan.plan_from_config`` reads, for ``perf/planned_memory_gb``; None: not logged.
+        planned_memory_gb: the planner's estimate of the peak per device (GiB); None: not logged.
         metrics: HParams tag -> metric logged by the run; default ``METRICS``.
     """
 
     def __init__(
         self,
         params: dict[str, Any] | None = None,
-        plan: dict[str, Any] | None = None,
+        planned_memory_gb: float | None = None,
         metrics: dict[str, str] | None = None,
     ) -> None:
         self.params = flatten(dict(params or {}))
-        self.plan = plan
         self.metrics = dict(METRICS if metrics is None else metrics)
         if any(source == tag for tag, source in self.metrics.items()):
-            raise ValueError("callbacks.hparams.metrics: an HParams tag must differ from the metric it reports")
-        self.planned_memory_gb: float | None = None
+            raise UserError("callbacks.hparams.metrics: an HParams tag must differ from the metric it reports")
+        self.planned_memory_gb = planned_memory_gb
         self.written = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.planned_memory_gb = self._planned_memory_gb(pl_module)
         if self.planned_memory_gb is not None:
             for logger in trainer.loggers:
                 logger.log_metrics({PLANNED: self.planned_memory_gb}, step=trainer.global_step)
@@ -105,13 +102,19 @@ class HParams(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(final, step=trainer.global_step)
 
-    def hparams(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        """The flat settings written to the tab, with the model's values as built."""
+    def hparams(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> dict[str, Any]:
+        """The flat settings written to the tab, with the values the run used (model as built, Trainer's settings)."""
         params = dict(self.params)
         config = getattr(pl_module, "config", None)
         if dataclasses.is_dataclass(config):
             built = flatten(dataclasses.asdict(config), "model.")
             params.update({k: v for k, v in built.items() if k in params})
+        if trainer is not None:
+            used = {
+                "trainer.precision": trainer.precision,
+                "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
+            }
+            params.update({k: v for k, v in used.items() if k in params})
         return params
 
     def _values(self, trainer: L.Trainer) -> dict[str, float]:
@@ -126,7 +129,7 @@ class HParams(L.Callback):
         metrics = self._values(trainer)
         if self.planned_memory_gb is not None:
             metrics["hp/planned_memory_gb"] = self.planned_memory_gb
-        params = self.hparams(pl_module)
+        params = self.hparams(pl_module, trainer)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # the HParams summary, and the metrics as scalars
                 logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
@@ -134,19 +137,3 @@ class HParams(L.Callback):
                 logger.log_hyperparams(params)
                 logger.log_metrics(metrics, step=trainer.global_step)
         self.written = True
-
-    def _planned_memory_gb(self, pl_module: L.LightningModule) -> float | None:
-        if self.plan is None:
-            return None
-        from omegaconf import OmegaConf
-
-        from llm.plan import plan_from_config
-
-        vocab_size = getattr(getattr(pl_module, "config", None), "vocab_size", None)
-        try:
-            plan = plan_from_config(OmegaConf.create(self.plan), vocab_size=vocab_size)
-        except Exception as err:  # an estimate to look at, never a reason to stop a run that has started
-            rank_zero_warn(f"callbacks.hparams: no planned memory ({type(err).__name__}: {err})")
-            return None
-        total = float(plan.total)
-        return total / 2**30 if math.isfinite(total) else None

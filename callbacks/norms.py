@@ -22,6 +22,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from llm.errors import UserError
+
 _WRAPPERS = re.compile(r"(^|\.)(_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)(?=\.|$)")
 
 
@@ -66,7 +68,7 @@ class Norms(L.Callback):
 
     def __init__(self, every_n_steps: int = 25, per_block: bool = True, updates: bool = True) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"callbacks.norms.every_n_steps must be >= 1, got {every_n_steps}")
+            raise UserError(f"callbacks.norms.every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.per_block = per_block
         self.updates = updates

@@ -15,6 +15,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from llm.errors import LLMError
 from llm.training.parallelize import total_norm
 
 
@@ -137,7 +138,7 @@ class LastCheckpoint(L.Callback):
             rank_zero_info(f"{self.stopped_by}: saved {path} at step {trainer.global_step}; resume with ckpt_path=last")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LLMError):
     """Too many non-finite steps in a row; the message names the step and the checkpoint of the last good state."""
 
 

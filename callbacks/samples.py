@@ -22,7 +22,7 @@ class TextSamples(L.Callback):
 
     @torch.no_grad()
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.datamodule is None or not hasattr(trainer.datamodule, "tokenizer"):
+        if trainer.sanity_checking or trainer.datamodule is None:
             return
         # every rank generates: under FSDP each forward gathers parameters from all ranks (same prompts, greedy:
         # every rank takes the same number of steps); only rank 0 writes
@@ -33,7 +33,6 @@ class TextSamples(L.Callback):
             ids = tokenizer.encode(prompt).ids  # the tokenizer adds BOS, as it did for the training documents
             out = generate(pl_module.model, [ids], self.max_new_tokens, eos_id=trainer.datamodule.eos_id)[0]
             texts.append(f"**{prompt}**{tokenizer.decode(out)}")
-        self.last_samples = texts
         for logger in loggers:
             for i, text in enumerate(texts):
                 # TensorBoard renders text as markdown; two trailing spaces keep line breaks

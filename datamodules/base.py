@@ -1,5 +1,6 @@
-"""What every DataModule here shares: an idempotent ``prepare()`` behind Lightning's hooks, and the artefacts
-it leaves in the run directory (``tokenizer.json``, ``data_report.json``)."""
+"""What every DataModule here shares: the contract the rest of the trainer reads, an idempotent ``prepare()``
+behind Lightning's hooks, and the artefacts it leaves in the run directory (``tokenizer.json``,
+``data_report.json``)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,62 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from tokenizers import Tokenizer
+from torch.utils.data import Dataset
+
+from datamodules.sources import DataError
 
 
 class PreparedDataModule(L.LightningDataModule):
-    """Subclasses implement ``prepare()`` (idempotent: train.py calls it before building the model, whose
-    vocabulary follows the tokenizer, and Lightning's hooks call it again), fill ``self.report``, and say where
-    their tokenizer is in ``tokenizer_source()``."""
+    """A DataModule whose data is prepared once, and what the trainer reads from every one of them.
 
-    report: dict[str, Any]
+    Subclasses set ``kind``, implement ``prepare()`` (idempotent: train.py calls it before building the model,
+    whose vocabulary follows the tokenizer, and Lightning's hooks call it again) and fill the attributes below
+    there, and say where their tokenizer is in ``tokenizer_source()``. Per kind, a DataModule declares more:
+    ``labels`` (classify: the label names in class-index order) and ``template`` (sft: the chat template, a
+    :class:`datamodules.sft.ChatTemplate`, saved with the checkpoint).
+    """
+
+    # which data this is, and so which LightningModule and evaluation go with it: "text" (pretraining on a
+    # packed corpus), "sft" (chat / instruction examples) or "classify" (labelled texts)
+    kind: ClassVar[str]
+
+    # set by __init__ (what the configuration asks for)
+    seq_len: int  # tokens per example at most (the model's context must hold it)
+    batch_size: int  # examples per batch, per device
+
+    # set by prepare()
+    tokenizer: Tokenizer | None  # what the data was tokenized with; the model's vocabulary follows it
+    vocab_size: int | None  # tokenizer.get_vocab_size()
+    bos_id: int  # the tokenizer's special tokens (see datamodules.tokenizer.special_ids); -1 before prepare()
+    eos_id: int
+    pad_id: int
+    report: dict[str, Any]  # what preparing read, dropped and built: data_report.json
+    train_dataset: Dataset | None
+    val_dataset: Dataset | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = None
+        self.vocab_size = None
+        self.bos_id = self.eos_id = self.pad_id = -1
+        self.report = {}
+        self.train_dataset = None
+        self.val_dataset = None
+
+    def _set_sizes(self, seq_len: int, batch_size: int, num_workers: int) -> None:
+        """Check and keep ``seq_len``, ``batch_size`` and ``num_workers`` (DataLoader worker processes)."""
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if int(value) < 1:
+                raise DataError(f"data.{name}={value} must be positive")
+        if int(num_workers) < 0:
+            raise DataError(f"data.num_workers={num_workers} must be >= 0")
+        self.seq_len = int(seq_len)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
 
     def prepare(self) -> None:
         raise NotImplementedError

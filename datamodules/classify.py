@@ -15,15 +15,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from datamodules.sft import CORPORA, ExampleDataModule, field_of, text_of
-from datamodules.sources import DataError
+from datamodules.examples import ExampleDataModule, field_of, text_of
+from datamodules.sources import CORPORA, DataError
 from datamodules.tokenizer import train_tokenizer
 
 EMBEDDED_CLASSIFY = CORPORA / "austen_classify.jsonl.gz"
@@ -78,8 +79,9 @@ class ClassifyDataModule(ExampleDataModule):
         skip_empty: drop rows with an empty text instead of stopping with an error.
     """
 
-    kind = "classify"
-    embedded = EMBEDDED_CLASSIFY
+    kind: ClassVar[str] = "classify"
+    embedded: ClassVar[Path] = EMBEDDED_CLASSIFY
+    labels: list[str] | None  # the label names in class-index order (None until discovered by prepare())
 
     def __init__(
         self,
@@ -165,7 +167,3 @@ class ClassifyDataModule(ExampleDataModule):
     def summary(self) -> str:
         shown = ", ".join(self.labels[:10]) + (", ..." if len(self.labels) > 10 else "")
         return f"{super().summary()}; {len(self.labels)} labels: {shown}"
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels or [])

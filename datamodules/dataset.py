@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from datamodules.packing import TokenShards
+from datamodules.shards import TokenShards
 
 IGNORE_INDEX = -100  # label value the loss ignores (packed pretraining has none; kept for the convention)
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping ``seq_len + 1`` windows over a token stream written by :mod:`datamodules.packing`.
+    """Non-overlapping ``seq_len + 1`` windows over a token stream (the format of :mod:`datamodules.shards`).
 
     ``source`` is one token file, or a split's shards as ``(path, tokens)`` pairs read as one stream (a window
     may span two shards). The memory maps open lazily in each process, so the dataset pickles cheaply into

@@ -12,16 +12,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from datamodules.base import PreparedDataModule
+from datamodules.corpus import CorpusSettings, PackedCorpus, prepare_corpus
 from datamodules.dataset import TokenWindows, WindowSampler
-from datamodules.packing import CorpusSettings, PackedCorpus, prepare_corpus
 from datamodules.sources import EMBEDDED_CORPUS, DataError
 from datamodules.tokenizer import special_ids
 from llm.runtime.topology import data_parallel_rank, process_rank
@@ -74,10 +73,13 @@ class PretrainDataModule(PreparedDataModule):
         cleaning: the cleaning rules (see :mod:`datamodules.cleaning`); None for the defaults.
         cache_dir: where prepared corpora are cached.
         pin_memory: pin batches in memory (only when CUDA is available).
-        global_batch_size: accepted for the trainer's use; ignored here.
         num_proc: processes that encode the corpus; None decides by its size and the cores (see
-            :func:`datamodules.packing.encode_processes`). Changes the speed only, never the result.
+            :func:`datamodules.encoding.encode_processes`). Changes the speed only, never the result.
     """
+
+    kind: ClassVar[str] = "text"
+    train_dataset: TokenWindows | None
+    val_dataset: TokenWindows | None
 
     def __init__(
         self,
@@ -95,7 +97,6 @@ class PretrainDataModule(PreparedDataModule):
         cleaning: list[dict] | None = None,
         cache_dir: str = ".cache/data",
         pin_memory: bool = True,
-        global_batch_size: int | None = None,
         num_proc: int | None = None,
     ) -> None:
         super().__init__()
@@ -104,17 +105,10 @@ class PretrainDataModule(PreparedDataModule):
             paths = [paths]
         if paths is not None and len(paths) == 0:
             raise DataError("data.paths is empty: give files, directories or globs (or null for the embedded corpus)")
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if int(value) < 1:
-                raise DataError(f"data.{name}={value} must be positive")
-        if int(num_workers) < 0:
-            raise DataError(f"data.num_workers={num_workers} must be >= 0")
+        self._set_sizes(seq_len, batch_size, num_workers)
         self.paths: list[str] | None = paths
         self.text_field = text_field
         self.split_paragraphs = bool(split_paragraphs)
-        self.seq_len = int(seq_len)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
         self.tokenizer_path = None if tokenizer is None else str(tokenizer)
         self.requested_vocab_size = int(vocab_size)
         self.tokenizer_sample_bytes = None if tokenizer_sample_bytes is None else int(tokenizer_sample_bytes)
@@ -123,17 +117,10 @@ class PretrainDataModule(PreparedDataModule):
         self.cleaning = _plain(cleaning)
         self.cache_dir = str(cache_dir)
         self.pin_memory = bool(pin_memory)
-        self.global_batch_size = global_batch_size
         self.num_proc = None if num_proc is None else int(num_proc)
         self.save_hyperparameters(logger=False)
 
         self.corpus: PackedCorpus | None = None
-        self.tokenizer: Tokenizer | None = None
-        self.vocab_size: int | None = None
-        self.bos_id = self.eos_id = self.pad_id = -1
-        self.report: dict[str, Any] = {}
-        self.train_dataset: TokenWindows | None = None
-        self.val_dataset: TokenWindows | None = None
         self.train_sampler: WindowSampler | None = None
         self._pending_state: dict[str, Any] | None = None
 

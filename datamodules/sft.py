@@ -7,6 +7,8 @@ Each JSON Lines (or ``.json``, ``.gz``) row is one example, in either form:
 - ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}``: a
   conversation (any roles; ``system``, ``user`` and ``assistant`` are the usual ones).
 
+Reading, splitting and batching are every example set's (:mod:`datamodules.examples`).
+
 The chat template turns a conversation into text: every message is the template with ``{role}`` and
 ``{content}`` filled in, the conversation starts with BOS and every assistant message ends with EOS right
 after its content. With the default ``"<|{role}|>\\n{content}\\n"``::
@@ -26,115 +28,24 @@ when the pieces meet at a newline, as in the default template, this is the same 
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.base import PreparedDataModule
-from datamodules.sources import DataError, file_format, find_files
-from datamodules.tokenizer import load_tokenizer, special_ids
+from datamodules.examples import ExampleDataModule, text_of
+from datamodules.sources import CORPORA, DataError
 
 IGNORE_INDEX = -100
-CORPORA = Path(__file__).resolve().parent / "corpora"
 EMBEDDED_SFT = CORPORA / "austen_sft.jsonl.gz"
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 ASSISTANT = "assistant"
-
-
-# ---------------------------------------------------------------------------------------------------- records
-
-
-def read_records(files: Iterable[str | Path]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` for every JSON object of ``.jsonl`` / ``.json`` files (``.gz`` too); where = ``file:line``."""
-    for path in files:
-        path = Path(path)
-        fmt = file_format(path)
-        if fmt not in ("jsonl", "json"):
-            raise DataError(
-                f"data.paths: {path} is not JSON Lines or JSON (examples need .jsonl, .json or .gz of them)"
-            )
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        try:
-            with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-                if fmt == "jsonl":
-                    for lineno, line in enumerate(f, start=1):
-                        if line.strip():
-                            yield _record(line, f"{path}:{lineno}")
-                else:
-                    data = _parse(f.read(), str(path))
-                    for i, record in enumerate(data if isinstance(data, list) else [data]):
-                        yield _object(record, f"{path}[{i}]")
-        except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt .gz, unreadable file
-            raise DataError(f"{path}: cannot be read ({err})") from None
-
-
-def _parse(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: invalid JSON ({err.msg})") from None
-
-
-def _record(line: str, where: str) -> tuple[str, dict[str, Any]]:
-    return _object(_parse(line, where), where)
-
-
-def _object(record: Any, where: str) -> tuple[str, dict[str, Any]]:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return where, record
-
-
-def field_of(record: dict[str, Any], name: str, where: str, key: str) -> Any:
-    """``record[name]``, or a one-line error naming the config key, the file and line, and the keys there are."""
-    if name not in record:
-        keys = ", ".join(repr(k) for k in list(record)[:10])
-        raise DataError(f"{where}: no field data.{key}={name!r} (keys: {keys}); set data.{key} to the right name")
-    return record[name]
-
-
-def text_of(record: dict[str, Any], name: str, where: str, key: str) -> str:
-    value = field_of(record, name, where, key)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: data.{key}={name!r} is {type(value).__name__}, not a string")
-    return value
-
-
-def resolve_paths(paths: Sequence[str] | None, default: Path, key: str = "paths") -> list[Path]:
-    """The files of ``data.<key>`` (files, directories, globs), or the embedded default when None."""
-    if paths is None:
-        return [default]
-    try:
-        files, _ = find_files(paths)
-    except DataError as err:
-        raise DataError(str(err).replace("data.paths", f"data.{key}")) from None
-    files = [f for f in files if file_format(f) in ("jsonl", "json")]
-    if not files:
-        raise DataError(f"data.{key}={list(paths)}: no .jsonl or .json file (or .gz of them) there")
-    return files
-
-
-def split_indices(n: int, val_fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices: ``round(n * val_fraction)`` examples (at least one each) picked by a seeded permutation."""
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), or give data.val_paths")
-    if n < 2:
-        raise DataError(
-            f"only {n} {what}: at least 2 are needed to hold one out for validation (or give data.val_paths)"
-        )
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 # ---------------------------------------------------------------------------------------------- chat template
@@ -284,191 +195,6 @@ class PadCollate:
 # ------------------------------------------------------------------------------------------------ DataModule
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf lists (what Hydra passes) as plain lists; a single string as a one-item list."""
-    if value is None or isinstance(value, str):
-        return None if value is None else [value]
-    return [str(v) for v in value]
-
-
-class ExampleDataModule(PreparedDataModule):
-    """What the example-based DataModules (SFT, classification) share: files, tokenizer, split, loaders, artefacts.
-
-    Subclasses read their rows in ``_read`` and turn them into examples in ``_build``; ``prepare()`` does the
-    rest and is idempotent (train.py calls it before building the model, whose vocabulary follows the tokenizer).
-    """
-
-    kind = "examples"
-    embedded: Path = EMBEDDED_SFT
-
-    def __init__(
-        self,
-        paths: list[str] | None,
-        val_paths: list[str] | None,
-        val_fraction: float,
-        seq_len: int,
-        batch_size: int,
-        num_workers: int,
-        tokenizer: str | None,
-        seed: int,
-        pin_memory: bool,
-        skip_empty: bool,
-    ) -> None:
-        super().__init__()
-        self.paths = _plain(paths)
-        self.val_paths = _plain(val_paths)
-        if self.paths is not None and not self.paths:
-            raise DataError(
-                "data.paths is empty: give .jsonl files, directories or globs (or null for the embedded set)"
-            )
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if int(value) < 1:
-                raise DataError(f"data.{name}={value} must be positive")
-        if int(num_workers) < 0:
-            raise DataError(f"data.num_workers={num_workers} must be >= 0")
-        self.val_fraction = float(val_fraction)
-        self.seq_len = int(seq_len)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.tokenizer_path = None if tokenizer is None else str(tokenizer)
-        self.seed = int(seed)
-        self.pin_memory = bool(pin_memory)
-        self.skip_empty = bool(skip_empty)
-
-        self.tokenizer: Tokenizer | None = None
-        self.vocab_size: int | None = None
-        self.bos_id = self.eos_id = self.pad_id = -1
-        self.report: dict[str, Any] = {}
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self._prepared = False
-
-    # ---- reading
-
-    def _read(self, where: str, record: dict[str, Any]) -> Any | None:
-        """One row -> an example description, or None to skip it (counted); raise DataError for a bad row."""
-        raise NotImplementedError
-
-    def _train_tokenizer(self, train_rows: list[Any]) -> Tokenizer:
-        """A tokenizer trained on the train rows, when none is given (subclasses that can train one override this)."""
-        raise DataError(
-            f"data={self.kind} needs a tokenizer: give init_from=CKPT (its tokenizer is used) or data.tokenizer=PATH"
-        )
-
-    def _build(self, rows: list[Any], split: str) -> tuple[Dataset, dict[str, Any]]:
-        """Tokenized examples of one split and its report."""
-        raise NotImplementedError
-
-    def _collate(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def _read_files(self, files: list[Path]) -> tuple[list[Any], dict[str, int]]:
-        rows, counts = [], {"rows": 0, "skipped_empty": 0}
-        for where, record in read_records(files):
-            counts["rows"] += 1
-            row = self._read(where, record)
-            if row is None:
-                counts["skipped_empty"] += 1
-            else:
-                rows.append(row)
-        return rows, counts
-
-    def empty(self, where: str, what: str) -> None:
-        """An empty example: an error, or a skipped row with data.skip_empty=true."""
-        if not self.skip_empty:
-            raise DataError(f"{where}: empty {what}; fix the row or set data.skip_empty=true to drop such rows")
-
-    # ---- preparation
-
-    def prepare(self) -> None:
-        """Read, split, tokenize. Idempotent."""
-        if self._prepared:
-            return
-        files = resolve_paths(self.paths, self.embedded)
-        rows, counts = self._read_files(files)
-        if self.val_paths is not None:
-            val_files = resolve_paths(self.val_paths, self.embedded, key="val_paths")
-            val_rows, val_counts = self._read_files(val_files)
-            train_rows = rows
-            counts = {k: counts[k] + val_counts[k] for k in counts}
-        else:
-            val_files = []
-            train_idx, val_idx = split_indices(len(rows), self.val_fraction, self.seed, f"{self.kind} examples")
-            train_rows, val_rows = [rows[i] for i in train_idx], [rows[i] for i in val_idx]
-        if not train_rows or not val_rows:
-            which = "data.paths" if not train_rows else "data.val_paths"
-            raise DataError(
-                f"{which}: no {self.kind} examples in {[str(f) for f in (files if not train_rows else val_files)]}"
-            )
-        self._rows_read(train_rows, val_rows)
-
-        if self.tokenizer_path is not None:
-            tokenizer, source = load_tokenizer(self.tokenizer_path), self.tokenizer_path
-        else:
-            tokenizer, source = self._train_tokenizer(train_rows), "trained on the train split"
-        self.tokenizer = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size()
-        self.bos_id, self.eos_id, self.pad_id = special_ids(tokenizer, name=str(self.tokenizer_path))
-
-        self.train_dataset, train_report = self._build(train_rows, "train")
-        self.val_dataset, val_report = self._build(val_rows, "val")
-        self.report = {
-            "kind": self.kind,
-            "files": [str(f) for f in files],
-            "val_files": [str(f) for f in val_files] if val_files else None,
-            "val_split": "data.val_paths" if val_files else f"data.val_fraction={self.val_fraction} (seed {self.seed})",
-            **counts,
-            "tokenizer": {"source": source, "vocab_size": self.vocab_size},
-            "seq_len": self.seq_len,
-            "train": train_report,
-            "val": val_report,
-        }
-        self._prepared = True
-        print(self.summary())
-
-    def _rows_read(self, train_rows: list[Any], val_rows: list[Any]) -> None:
-        """Hook after reading and splitting, before tokenizing (the classifier discovers its labels here)."""
-
-    def summary(self) -> str:
-        r = self.report
-        return (
-            f"data={self.kind}: {r['train']['examples']} train / {r['val']['examples']} val examples, "
-            f"{r['train']['truncated'] + r['val']['truncated']} truncated to data.seq_len={self.seq_len}, "
-            f"{r['skipped_empty']} empty rows skipped (data_report.json)"
-        )
-
-    def tokenizer_source(self) -> Path | Tokenizer:
-        if self.tokenizer_path is None:
-            return self.tokenizer  # trained here, or the init_from checkpoint's
-        source = Path(self.tokenizer_path)
-        return source / "tokenizer.json" if source.is_dir() else source
-
-    # ---- loaders
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        if self.num_workers > 0:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.prepare()
-        return self._loader(self.train_dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.prepare()
-        return self._loader(self.val_dataset, train=False)
-
-
 @dataclass
 class _Conversation:
     where: str
@@ -494,8 +220,9 @@ class SFTDataModule(ExampleDataModule):
         skip_empty: drop rows with an empty instruction or response instead of stopping with an error.
     """
 
-    kind = "sft"
-    embedded = EMBEDDED_SFT
+    kind: ClassVar[str] = "sft"
+    embedded: ClassVar[Path] = EMBEDDED_SFT
+    template: ChatTemplate  # how a conversation becomes text; kept with the tokenizer in the checkpoint
 
     def __init__(
         self,

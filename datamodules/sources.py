@@ -1,4 +1,4 @@
-"""Reading documents from files, directories and globs, streamed one document at a time.
+"""Reading documents (a corpus) or JSON records (an example set) from files, directories and globs, streamed.
 
 Formats, chosen by the file name (each also as ``.gz``):
 
@@ -7,7 +7,9 @@ Formats, chosen by the file name (each also as ``.gz``):
 - ``.json``  a list of objects (or of strings), or a single object, the document in ``text_field``.
 
 Reading streams: a ``.txt`` or ``.jsonl`` file is read line by line and a ``.json`` list element by element,
-so memory holds one document at a time, whatever the size of the corpus.
+so memory holds one document at a time, whatever the size of the corpus. :func:`read_documents` yields the
+documents of a corpus; :func:`read_records` yields the JSON objects of an example set (SFT, classification)
+whole, read, sniffed, decoded and counted the same way.
 
 Text is UTF-8 (a UTF-16 or UTF-32 file with a byte-order mark is decoded as such). Bytes that are not valid
 UTF-8 are replaced by U+FFFD and counted, never an error; a leading byte-order mark is dropped. Line endings
@@ -29,17 +31,22 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
+
+from datamodules.jsonstream import json_values
+from llm.errors import DataError  # noqa: F401  (re-exported: the data package's one error type)
 
 SUFFIXES = (".txt", ".jsonl", ".json")
-EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpora" / "janeausten.jsonl.gz"
+CORPORA = Path(__file__).resolve().parent / "corpora"  # the embedded data sets and their licence
+EMBEDDED_CORPUS = CORPORA / "janeausten.jsonl.gz"
 
 SNIFF_BYTES = 8192  # how much of a file (decompressed) decides whether it is text
 MAX_BAD_RATIO = 0.3  # more undecodable or control bytes than this among the sniffed characters: not text
-JSON_CHUNK_CHARS = 1 << 20  # a .json file is parsed from chunks of this many characters
+
+T = TypeVar("T")
 
 _BOM = "\ufeff"
 _REPLACEMENT = "\ufffd"
@@ -47,7 +54,6 @@ _GLOB_CHARS = set("*?[")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape lone surrogates, which are not text
 # C0 control characters that do not occur in text files (tab, newlines, form feed and escape do)
 _BINARY_CONTROLS = re.compile("[\x01-\x08\x0e-\x1a\x1c-\x1f]")
-_WS = re.compile(r"[ \t\r\n]*")
 
 # BOMs that select a decoder; the longer UTF-32 marks first (FF FE 00 00 starts with UTF-16's FF FE).
 _BOM_ENCODINGS = (
@@ -56,10 +62,6 @@ _BOM_ENCODINGS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
-
-
-class DataError(ValueError):
-    """A mistake in the data or its configuration; the message is one line naming the file, key or value."""
 
 
 @dataclass
@@ -251,89 +253,45 @@ def _read_txt(f: io.TextIOWrapper, split_paragraphs: bool) -> Iterator[str]:
             yield text
 
 
-def _read_jsonl(f: io.TextIOWrapper, path: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
+def _jsonl_values(f: io.TextIOWrapper, path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, value)`` of every non-blank line."""
     for lineno, line in enumerate(_lines(f), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+def _read_jsonl(f: io.TextIOWrapper, path: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
+    for lineno, record in _jsonl_values(f, path):
         yield _field(record, text_field, f"{path}:{lineno}", stats)
 
 
-def _json_values(f: io.TextIOWrapper, path: Path) -> Iterator[tuple[int | None, object]]:
-    """``(index, element)`` of a top-level JSON list, parsed one element at a time from chunks of the file, or
-    ``(None, value)`` for any other top-level value (parsed whole). An element is only accepted once the ``,``
-    or ``]`` after it has been read: a number cut at the end of a chunk would otherwise pass for a shorter one."""
-    decoder = json.JSONDecoder()
-    buf, pos, eof = "", 0, False
+def _records(f: io.TextIOWrapper, path: Path, fmt: str, stats: SourceStats) -> Iterator[tuple[str, dict[str, object]]]:
+    if fmt == "jsonl":
+        values: Iterator[tuple[str, object]] = ((f"{path}:{lineno}", value) for lineno, value in _jsonl_values(f, path))
+    else:
+        values = ((str(path) if i is None else f"{path}[{i}]", value) for i, value in json_values(f, path))
+    for where, value in values:
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        yield where, _replace_surrogates(value, stats)
 
-    def more() -> bool:
-        nonlocal buf, pos, eof
-        chunk = f.read(JSON_CHUNK_CHARS)
-        if not chunk:
-            eof = True
-            return False
-        buf, pos = buf[pos:] + chunk, 0
-        return True
 
-    def next_char() -> str:
-        """The next non-whitespace character (reading more as needed); empty at the end of the file."""
-        nonlocal pos
-        while True:
-            pos = _WS.match(buf, pos).end()
-            if pos < len(buf):
-                return buf[pos]
-            if not more():
-                return ""
-
-    def invalid(msg: str) -> DataError:
-        return DataError(f"{path}: invalid JSON ({msg})")
-
-    more()
-    if buf.startswith(_BOM):
-        pos = 1
-    if next_char() != "[":
-        while more():
-            pass
-        try:
-            yield None, json.loads(buf[pos:])
-        except json.JSONDecodeError as e:
-            raise invalid(f"{e.msg} at line {e.lineno}") from None
-        return
-    pos += 1
-    index = 0
-    c = next_char()
-    if c == "]":
-        pos += 1
-    while c != "]":
-        if not c:
-            raise invalid(f"the list ends after {index} elements without ']'")
-        while True:
-            try:
-                value, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError as e:
-                if more():
-                    continue
-                raise invalid(f"{e.msg} in element {index}") from None
-            if end < len(buf) or not more():
-                break
-        pos = end
-        yield index, value
-        index += 1
-        c = next_char()
-        if not c:
-            raise invalid(f"the list ends after {index} elements without ']'")
-        if c not in (",", "]"):
-            raise invalid(f"expected ',' or ']' after element {index - 1}")
-        pos += 1
-        if c == ",":
-            c = next_char()
-            if c == "]":
-                raise invalid(f"trailing comma after element {index - 1}")
-    if next_char():
-        raise invalid("extra data after the list")
+def _replace_surrogates(value: object, stats: SourceStats) -> Any:
+    """``value`` with lone surrogates (which JSON may escape, but are not text) in its strings replaced, counted."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            value, n = _SURROGATE.subn(_REPLACEMENT, value)
+            stats.invalid_utf8_replacements += n
+        return value
+    if isinstance(value, dict):
+        return {k: _replace_surrogates(v, stats) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_surrogates(v, stats) for v in value]
+    return value
 
 
 def _documents(
@@ -347,7 +305,7 @@ def _documents(
     else:
         docs = (
             _field(value, text_field, str(path) if i is None else f"{path}[{i}]", stats)
-            for i, value in _json_values(f, path)
+            for i, value in json_values(f, path)
         )
     for doc in docs:
         if split_paragraphs:
@@ -369,8 +327,47 @@ def read_file(
     fmt = file_format(path)
     if fmt is None:
         raise DataError(f"data.paths: {path} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)")
+    yield from _stream(path, stats, lambda f: _documents(f, path, fmt, text_field, split_paragraphs, stats))
+
+
+def read_records(
+    files: Iterable[str | Path], stats: SourceStats | None = None
+) -> Iterator[tuple[str, dict[str, object]]]:
+    """``(where, record)`` for every JSON object of ``.jsonl`` / ``.json`` files (``.gz`` too), streamed: the rows
+    of example sets. ``where`` is ``file:line`` (JSON Lines), ``file[i]`` (a JSON list) or the file (one object).
+
+    Files are opened, sniffed, decoded and counted in ``stats`` as :func:`read_file` does: a file that is not
+    text is skipped (in ``stats.skipped_files``), one without rows is counted in ``stats.empty_files``, and
+    ``stats.documents`` counts the rows.
+    """
+    stats = stats if stats is not None else SourceStats()
+    for path in files:
+        path = Path(path)
+        fmt = file_format(path)
+        if fmt not in ("jsonl", "json"):
+            raise DataError(
+                f"data.paths: {path} is not JSON Lines or JSON (examples need .jsonl, .json or .gz of them)"
+            )
+        yield from _stream(path, stats, lambda f, path=path, fmt=fmt: _records(f, path, fmt, stats))
+
+
+def unread(stats: SourceStats) -> list[str]:
+    """Why reading gave nothing, for an error message: the empty files, and the files skipped as not text."""
+    skipped = [s for s in stats.skipped_files if s["reason"] not in ("hidden file", "unsupported file type")]
+    parts = []
+    if stats.empty_files:
+        parts.append(f"{stats.empty_files} empty file{'s' * (stats.empty_files != 1)}")
+    if skipped:
+        first = skipped[0]
+        parts.append(f"{len(skipped)} skipped, e.g. {first['path']}: {first['reason']}")
+    return parts
+
+
+def _stream(path: Path, stats: SourceStats, items: Callable[[io.TextIOWrapper], Iterator[T]]) -> Iterator[T]:
+    """``items`` of the file opened as text: sniffed first (a file that is not text is skipped, with the reason),
+    decompressed, decoded; what was read is counted in ``stats``, and an unreadable file is a DataError."""
     invalid_before = _invalid[0]
-    n_docs = 0
+    n_items = 0
     try:
         with _open_binary(path) as raw:
             head = raw.read(SNIFF_BYTES)
@@ -381,18 +378,18 @@ def read_file(
         stats.files += 1
         with open(path, "rb") as raw, _open_text(raw, path, encoding) as f:
             disk_before = stats.disk_bytes
-            for doc in _documents(f, path, fmt, text_field, split_paragraphs, stats):
-                n_docs += 1
+            for item in items(f):
+                n_items += 1
                 stats.documents += 1
                 stats.disk_bytes = disk_before + raw.tell()
-                yield doc
+                yield item
             stats.bytes += f.buffer.tell()
             stats.disk_bytes = disk_before + raw.tell()
     except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt .gz, unreadable file
         raise DataError(f"{path}: cannot be read ({_reason(e)})") from None
     finally:  # (documents of two files read interleaved would share their counts)
         stats.invalid_utf8_replacements += _invalid[0] - invalid_before
-    if n_docs == 0:
+    if n_items == 0:
         stats.empty_files += 1
 
 

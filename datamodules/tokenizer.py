@@ -4,8 +4,8 @@ Byte-level means the base alphabet is the 256 bytes: every string, in any script
 unknown tokens and decodes back to exactly the same string (no normaliser, no added prefix space).
 The special tokens come first, so a trained tokenizer always has ``<|bos|>`` = 0, ``<|eos|>`` = 1 and
 ``<|pad|>`` = 2. Like Llama's tokenizers, a trained one adds BOS in front of what it encodes (its post-processor,
-which ``transformers.AutoTokenizer`` honours too); packing encodes without special tokens and adds BOS and EOS
-itself.
+which ``transformers.AutoTokenizer`` honours too); :mod:`datamodules.encoding` encodes without special tokens
+and adds BOS and EOS itself.
 """
 
 from __future__ import annotations

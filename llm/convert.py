@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from llm.core.config import ROPE_SCALING_KEYS, ModelConfig
-from llm.errors import UserError
+from llm.errors import LLMError, UserError
+from llm.training.checkpoint import PREFIX, ROLES, expected_shapes, load, model_config_of, model_state, special_ids
 
 # our name (inside the Transformer) -> Hugging Face LlamaForCausalLM name
 _LAYER_NAMES = {
@@ -59,9 +60,6 @@ _LAYER_NAMES_INV = {hf: ours for ours, hf in _LAYER_NAMES.items()}
 _TOP_NAMES_INV = {hf: ours for ours, hf in _TOP_NAMES.items()}
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers 4's default shard size (5 GB); also bounds to-hf's peak memory
-PREFIX = "model."  # the LightningModule (llm.training.module.CausalLM) holds the Transformer as `model`
-_COMPILED = "_orig_mod."  # torch.compile's wrapper inserts this into parameter names
-ROLES = ("bos", "eos", "pad")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,15 +83,6 @@ def from_hf_name(name: str) -> str:
         if i.isdigit() and rest in _LAYER_NAMES_INV:
             return f"layers.{i}.{_LAYER_NAMES_INV[rest]}"
     raise KeyError(name)
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for `cfg` (a model built on the meta device: no memory, no init)."""
-    from llm.core.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -207,76 +196,6 @@ def config_from_hf(hf: dict[str, Any], where: str | Path) -> ModelConfig:
         raise UserError(f"{where}: {err}") from err
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file, memory-mapped (a tensor is read from disk when touched), with a one-line error."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; give a single .ckpt file (a sharded checkpoint must be consolidated)")
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:  # truncated zip, not a torch file, a pickle of something else, ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise UserError(f"{path}: not a training checkpoint (no state_dict)")
-    return ckpt
-
-
-def model_config_of(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
-    try:
-        return ModelConfig.from_dict(ckpt["hyper_parameters"]["model"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path}: no usable model config in hyper_parameters.model ({err})") from err
-
-
-def model_state(ckpt: dict[str, Any], cfg: ModelConfig, path: str | Path) -> dict[str, torch.Tensor]:
-    """The Transformer's tensors by our names (LightningModule prefix and metric states dropped), checked against
-    `cfg`. With tied embeddings `output.weight` may be absent (it is the embedding)."""
-    state = {k[len(PREFIX) :].replace(_COMPILED, ""): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
-    expected = expected_shapes(cfg)
-    unexpected = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set()))
-    if unexpected or missing:
-        raise UserError(
-            f"{path}: weights do not match hyper_parameters.model"
-            f" (missing: {', '.join(missing[:3]) or '-'}; unexpected: {', '.join(unexpected[:3]) or '-'})"
-        )
-    for name, t in state.items():
-        if tuple(t.shape) != expected[name]:
-            raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, the config implies {expected[name]}")
-    return state
-
-
-def special_ids(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """{"bos", "eos", "pad": id or None, "eos_ids": [ids]} of a checkpoint.
-
-    A converted checkpoint stores them; a training checkpoint has only its tokenizer, whose roles are found as the
-    DataModule finds them (`<|bos|>`/`<s>`/..., BOS and PAD falling back to EOS).
-    """
-    stored = ckpt.get("special_tokens")
-    if stored:
-        ids = {role: stored.get(role) for role in ROLES}
-        ids["eos_ids"] = list(stored.get("eos_ids") or ([] if ids["eos"] is None else [ids["eos"]]))
-        return ids
-    ids: dict[str, Any] = dict.fromkeys(ROLES)
-    if ckpt.get("tokenizer"):
-        from tokenizers import Tokenizer
-
-        from datamodules.sources import DataError
-        from datamodules.tokenizer import special_ids as tokenizer_roles
-
-        try:
-            ids["bos"], ids["eos"], ids["pad"] = tokenizer_roles(Tokenizer.from_str(ckpt["tokenizer"]))
-        except DataError:  # no end-of-sequence token: leave the roles unset
-            pass
-    ids["eos_ids"] = [] if ids["eos"] is None else [ids["eos"]]
-    return ids
-
-
 # -------------------------------------------------------------------------------------------------- to-hf
 
 
@@ -335,7 +254,7 @@ def to_hf(
 
     if max_shard_bytes <= 0:
         raise UserError(f"max shard size must be positive, got {max_shard_bytes} bytes")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load(ckpt_path)
     cfg = model_config_of(ckpt, ckpt_path)
     state = model_state(ckpt, cfg, ckpt_path)
     if cfg.tie_embeddings:
@@ -474,7 +393,6 @@ def from_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
         "state_dict": state,
         "hyper_parameters": {"model": cfg.to_dict()},
         "special_tokens": _hf_special_tokens(hf_dir, hf, tokenizer_json),
-        "format": "llm-trainer/converted-from-hf",
     }
     if tokenizer_json is not None:
         ckpt["tokenizer"] = tokenizer_json
@@ -514,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             out = to_hf(args.ckpt, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 1e9), dtype=dtype)
         else:
             out = from_hf(args.hf_dir, args.out_ckpt)
-    except UserError as err:
+    except LLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -19,7 +19,8 @@ import torch
 
 from llm.core.model import Transformer
 from llm.core.sampling import check_sampling, generate
-from llm.errors import UserError
+from llm.errors import LLMError, UserError
+from llm.training import checkpoint
 
 
 def load_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[Transformer, Any, dict[str, Any]]:
@@ -32,11 +33,9 @@ def load_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[Tran
     """
     from tokenizers import Tokenizer
 
-    from llm.convert import load_checkpoint, model_config_of, model_state, special_ids
-
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = model_config_of(ckpt, ckpt_path)
-    state = model_state(ckpt, cfg, ckpt_path)  # names and shapes checked
+    ckpt = checkpoint.load(ckpt_path)
+    cfg = checkpoint.model_config_of(ckpt, ckpt_path)
+    state = checkpoint.model_state(ckpt, cfg, ckpt_path)  # names and shapes checked
     try:
         device = torch.device(device)
     except RuntimeError as err:
@@ -53,7 +52,7 @@ def load_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[Tran
             tokenizer_json = candidate.read_text(encoding="utf-8")
             ckpt = {**ckpt, "tokenizer": tokenizer_json}
     tokenizer = None if tokenizer_json is None else Tokenizer.from_str(tokenizer_json)
-    return model.eval(), tokenizer, special_ids(ckpt)
+    return model.eval(), tokenizer, checkpoint.special_ids(ckpt)
 
 
 DEFAULTS: dict[str, Any] = {
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, ids = load_for_inference(args.ckpt_path, args.device)
         if tokenizer is None:
             raise UserError(f"{args.ckpt_path}: no tokenizer in the checkpoint nor in its run directory")
-    except UserError as err:
+    except LLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     prompts = [str(p) for p in args.prompt] if not isinstance(args.prompt, (str, int, float)) else [str(args.prompt)]

@@ -12,8 +12,7 @@ Numbers come from status.json when it has them, else from the TensorBoard event 
 
 The plot (default `runs.png` in the common parent of the runs; `--plot PATH`, `--no-plot`) draws val/loss (thick,
 with a marker at each validation) and train/loss (thin, lighter) against the step, one colour per run; the legend
-gives each colour the run's number in the table. It is drawn with numpy and encoded with zlib (`Canvas`,
-`png_bytes`), so no plotting library is needed.
+gives each colour the run's number in the table and its label. It is drawn with matplotlib (llm/training/plots.py).
 """
 
 from __future__ import annotations
@@ -23,10 +22,8 @@ import json
 import math
 import os
 import re
-import struct
 import sys
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +34,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llm.errors import UserError
+from llm.errors import LLMError, UserError
+from llm.training.plots import save_runs_plot
 
 RUNNING_WINDOW_S = 300  # a run without status.json whose files changed this recently is still running
 MAX_DIFF_COLUMNS = 8  # more differing keys are listed under the table
@@ -278,262 +276,24 @@ def table(runs: Sequence[Run], labels: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------- PNG drawing
+# --------------------------------------------------------------------------------------------- the plot
 
-PALETTE = [  # distinct on white; run i gets PALETTE[i % len(PALETTE)]
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-]
-
-# A 3x5 pixel font: each glyph is 5 rows of 3 pixels, "#" on. Enough for tick labels and the legend.
-_GLYPHS = {
-    "0": ["###", "#.#", "#.#", "#.#", "###"],
-    "1": [".#.", "##.", ".#.", ".#.", "###"],
-    "2": ["###", "..#", "###", "#..", "###"],
-    "3": ["###", "..#", ".##", "..#", "###"],
-    "4": ["#.#", "#.#", "###", "..#", "..#"],
-    "5": ["###", "#..", "###", "..#", "###"],
-    "6": ["###", "#..", "###", "#.#", "###"],
-    "7": ["###", "..#", "..#", ".#.", ".#."],
-    "8": ["###", "#.#", "###", "#.#", "###"],
-    "9": ["###", "#.#", "###", "..#", "###"],
-    ".": ["...", "...", "...", "...", ".#."],
-    "-": ["...", "...", "###", "...", "..."],
-    "+": ["...", ".#.", "###", ".#.", "..."],
-    "/": ["..#", "..#", ".#.", "#..", "#.."],
-    "a": ["...", ".##", "#.#", "#.#", ".##"],
-    "e": ["...", ".##", "###", "#..", ".##"],
-    "i": [".#.", "...", ".#.", ".#.", ".#."],
-    "l": ["##.", ".#.", ".#.", ".#.", "###"],
-    "n": ["...", "##.", "#.#", "#.#", "#.#"],
-    "o": ["...", ".#.", "#.#", "#.#", ".#."],
-    "p": ["...", "##.", "#.#", "##.", "#.."],
-    "r": ["...", "#.#", "##.", "#..", "#.."],
-    "s": ["...", ".##", ".#.", "..#", "##."],
-    "t": [".#.", "###", ".#.", ".#.", ".##"],
-    "v": ["...", "#.#", "#.#", "#.#", ".#."],
-    " ": ["...", "...", "...", "...", "..."],
-}
-_FONT = {c: np.array([[p == "#" for p in row] for row in rows]) for c, rows in _GLYPHS.items()}
+MAX_LEGEND_LABEL = 28  # characters of a run's label in the legend: deep paths keep their distinctive end
 
 
-class Canvas:
-    """An RGB image, ``pixels`` (H, W, 3) uint8, with what a line plot needs: rectangles, thick polylines, text.
-
-    Coordinates are pixels, x to the right and y downwards from the top-left corner; drawing is clipped to the
-    image (and, for lines, to an optional box).
-    """
-
-    def __init__(self, width: int, height: int, background: tuple[int, int, int] = (255, 255, 255)) -> None:
-        self.pixels = np.empty((height, width, 3), dtype=np.uint8)
-        self.pixels[:] = background
-
-    @property
-    def width(self) -> int:
-        return self.pixels.shape[1]
-
-    @property
-    def height(self) -> int:
-        return self.pixels.shape[0]
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color: tuple[int, int, int]) -> None:
-        """Fill the pixels x0 <= x <= x1, y0 <= y <= y1."""
-        x0, x1 = max(0, min(x0, x1)), min(self.width - 1, max(x0, x1))
-        y0, y1 = max(0, min(y0, y1)), min(self.height - 1, max(y0, y1))
-        if x0 <= x1 and y0 <= y1:
-            self.pixels[y0 : y1 + 1, x0 : x1 + 1] = color
-
-    def points(self, xs: np.ndarray, ys: np.ndarray, color: tuple[int, int, int], size: int = 1, box=None) -> None:
-        """A square of ``size`` pixels centred on each (x, y), clipped to ``box`` = (x0, y0, x1, y1) if given."""
-        x0, y0, x1, y1 = box or (0, 0, self.width - 1, self.height - 1)
-        xs, ys = np.rint(np.asarray(xs, dtype=np.float64)), np.rint(np.asarray(ys, dtype=np.float64))
-        lo = -(size // 2)
-        for dx in range(lo, lo + size):
-            for dy in range(lo, lo + size):
-                x, y = xs + dx, ys + dy
-                keep = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-                self.pixels[y[keep].astype(int), x[keep].astype(int)] = color
-
-    def polyline(self, xs: np.ndarray, ys: np.ndarray, color: tuple[int, int, int], width: int = 1, box=None) -> None:
-        """Straight segments through the points (xs[i], ys[i]), ``width`` pixels thick."""
-        xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-        if len(xs) == 0:
-            return
-        if len(xs) == 1:
-            self.points(xs, ys, color, width, box)
-            return
-        dx, dy = np.diff(xs), np.diff(ys)
-        n = np.maximum(1, np.ceil(np.maximum(np.abs(dx), np.abs(dy)))).astype(np.int64)  # samples per segment
-        segment = np.repeat(np.arange(len(n)), n)
-        t = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) / np.repeat(n, n)  # 0 <= t < 1 in each segment
-        px = np.append(xs[:-1][segment] + t * dx[segment], xs[-1])
-        py = np.append(ys[:-1][segment] + t * dy[segment], ys[-1])
-        self.points(px, py, color, width, box)
-
-    def text(self, x: int, y: int, s: str, color: tuple[int, int, int] = (0, 0, 0), scale: int = 2) -> int:
-        """Draw ``s`` with its top-left corner at (x, y) in the 3x5 font; returns the x after the last glyph.
-        Characters without a glyph are drawn as spaces."""
-        for ch in s:
-            glyph = _FONT.get(ch, _FONT.get(ch.lower(), _FONT[" "]))
-            ys, xs = np.nonzero(np.kron(glyph, np.ones((scale, scale), dtype=bool)))
-            keep = (x + xs < self.width) & (y + ys < self.height) & (x + xs >= 0) & (y + ys >= 0)
-            self.pixels[y + ys[keep], x + xs[keep]] = color
-            x += 4 * scale
-        return x
-
-    @staticmethod
-    def text_width(s: str, scale: int = 2) -> int:
-        return max(0, 4 * scale * len(s) - scale)
+def _legend_name(number: int, label: str | None) -> str:
+    if label is None:
+        return f"#{number}"
+    if len(label) > MAX_LEGEND_LABEL:
+        label = "…" + label[-(MAX_LEGEND_LABEL - 1) :]
+    return f"#{number} {label}"
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """A PNG file of an (H, W, 3) uint8 RGB image: signature, IHDR, one zlib-compressed IDAT, IEND."""
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 image, got {pixels.dtype} {pixels.shape}")
-    height, width = pixels.shape[:2]
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    # 8 bits per sample, colour type 2 (RGB), deflate, adaptive filtering, no interlace
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    rows = np.concatenate([np.zeros((height, 1), dtype=np.uint8), pixels.reshape(height, width * 3)], axis=1)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))  # filter 0 (None) before each row
-        + chunk(b"IEND", b"")
-    )
-
-
-def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
-    """Round values (1, 2, 2.5 or 5 times a power of ten apart) within [lo, hi], at most ``target`` + 1 of them."""
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    raw = (hi - lo) / target
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    first = math.ceil(lo / step - 1e-9)
-    return [round(k * step, 12) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
-
-
-def tick_label(value: float, step: float) -> str:
-    """``value`` with as many decimals as the tick spacing ``step`` needs (0.25 -> 2, 0.5 -> 1, 1000 -> 0)."""
-    decimals = next((d for d in range(10) if abs(round(step, d) - step) <= 1e-9 * abs(step)), 10)
-    return f"{value:.{decimals}f}"
-
-
-@dataclass
-class Series:
-    """One line of a plot, in data coordinates."""
-
-    x: np.ndarray
-    y: np.ndarray
-    color: tuple[int, int, int]
-    width: int = 1
-    markers: bool = False  # a square at each point
-
-
-def line_plot(
-    series: Sequence[Series],
-    legend: Sequence[tuple[str, tuple[int, int, int]]] = (),
-    styles: Sequence[tuple[str, int]] = (),
-    size: tuple[int, int] = (960, 540),
-) -> np.ndarray:
-    """Draw the series on axes with ticks and a grid; ``legend``: (label, colour) squares, ``styles``: (label,
-    line width) samples, both listed right of the axes. Returns the (H, W, 3) image."""
-    width, height = size
-    per_column = max(1, (height - 60 - 22 * len(styles)) // 18)
-    columns = max(1, math.ceil(len(legend) / per_column))
-    left, top, bottom = 70, 20, height - 40
-    right = width - 20 - max(130, 70 * columns)
-    canvas = Canvas(width, height)
-    box = (left, top, right, bottom)
-
-    keep = [np.isfinite(s.x) & np.isfinite(s.y) for s in series]
-    if any(k.any() for k in keep):
-        xs = np.concatenate([s.x[k] for s, k in zip(series, keep)])
-        ys = np.concatenate([s.y[k] for s, k in zip(series, keep)])
-    else:  # nothing to draw: empty axes
-        xs = ys = np.array([0.0, 1.0])
-    x_lo, x_hi = float(xs.min()), float(xs.max())
-    y_lo, y_hi = float(ys.min()), float(ys.max())
-    if x_hi <= x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    pad = 0.05 * (y_hi - y_lo) if y_hi > y_lo else 0.5
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-
-    def px(x: np.ndarray) -> np.ndarray:
-        return left + (np.asarray(x) - x_lo) / (x_hi - x_lo) * (right - left)
-
-    def py(y: np.ndarray) -> np.ndarray:
-        return bottom - (np.asarray(y) - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-    grid, ink = (225, 225, 225), (0, 0, 0)
-    for ticks, horizontal in ((nice_ticks(y_lo, y_hi), True), (nice_ticks(x_lo, x_hi, 8), False)):
-        step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-        for value in ticks:
-            label = tick_label(value, step)
-            if horizontal:
-                y = int(round(float(py(value))))
-                canvas.rect(left, y, right, y, grid)
-                canvas.rect(left - 5, y, left - 1, y, ink)
-                canvas.text(left - 8 - Canvas.text_width(label), y - 5, label)
-            else:
-                x = int(round(float(px(value))))
-                canvas.rect(x, top, x, bottom, grid)
-                canvas.rect(x, bottom + 1, x, bottom + 5, ink)
-                canvas.text(x - Canvas.text_width(label) // 2, bottom + 10, label)
-
-    for s, k in sorted(zip(series, keep), key=lambda sk: sk[0].width):  # thin lines first, thick ones on top
-        canvas.polyline(px(s.x[k]), py(s.y[k]), s.color, s.width, box)
-        if s.markers:
-            canvas.points(px(s.x[k]), py(s.y[k]), s.color, s.width + 4, box)
-
-    for x0, y0, x1, y1 in ((left, top, right, top), (left, bottom, right, bottom)):  # the frame
-        canvas.rect(x0, y0, x1, y1, ink)
-    canvas.rect(left, top, left, bottom, ink)
-    canvas.rect(right, top, right, bottom, ink)
-
-    canvas.text(right - Canvas.text_width("step"), bottom + 24, "step")
-    x, y = right + 20, top
-    for label, line_width in styles:
-        canvas.rect(x, y + 4, x + 24, y + 4 + line_width - 1, (60, 60, 60))
-        canvas.text(x + 32, y, label)
-        y += 22
-    for i, (label, color) in enumerate(legend):
-        cx, cy = x + 70 * (i // per_column), y + 18 * (i % per_column)
-        canvas.rect(cx, cy, cx + 11, cy + 11, color)
-        canvas.text(cx + 18, cy + 1, label)
-    return canvas.pixels
-
-
-def _lighter(color: tuple[int, int, int], amount: float = 0.5) -> tuple[int, int, int]:
-    return tuple(int(round(c + (255 - c) * amount)) for c in color)
-
-
-def plot_runs(runs: Sequence[Run], path: Path) -> Path:
-    """Write the val/loss and train/loss curves of ``runs`` to the PNG file ``path``."""
-    series = []
-    for i, run in enumerate(runs):
-        color = PALETTE[i % len(PALETTE)]
-        if "train/loss" in run.curves:
-            series.append(Series(*run.curves["train/loss"], color=_lighter(color), width=1))
-        if "val/loss" in run.curves:
-            series.append(Series(*run.curves["val/loss"], color=color, width=3, markers=True))
-    legend = [(str(i), PALETTE[i % len(PALETTE)]) for i in range(len(runs))]
-    image = line_plot(series, legend, styles=[("val/loss", 3), ("train/loss", 1)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(image))
-    return path
+def plot_runs(runs: Sequence[Run], path: Path, labels: Sequence[str] | None = None) -> Path:
+    """Write the val/loss and train/loss curves of ``runs`` to the PNG file ``path``; the legend gives each colour
+    the run's number in the table, and its label when ``labels`` are given."""
+    names = [_legend_name(i, None if labels is None else labels[i]) for i in range(len(runs))]
+    return save_runs_plot([run.curves for run in runs], names, path)
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -561,7 +321,7 @@ def summarize(paths: Sequence[str | Path], plot: Path | None | bool = True, sort
     lines = [f"{len(runs)} run{'s' * (len(runs) != 1)} under {root}", "", table(runs, labels)]
     if plot:
         target = root / "runs.png" if plot is True else Path(plot)
-        plot_runs(runs, target)
+        plot_runs(runs, target, labels)
         lines += ["", f"plot: {target} (val/loss thick, train/loss thin; colours numbered as the rows)"]
     return "\n".join(lines)
 
@@ -579,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(summarize(args.paths, plot=False if args.no_plot else (args.plot or True), sort=args.sort))
-    except UserError as err:
+    except LLMError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,7 +10,10 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from llm.app.builders import build_all, resolve_precision
+from llm.app.builders import build, build_all
+from llm.app.schema import DATA_RUN_KEYS
+from llm.app.spec import resolve
+from llm.errors import UserError
 from tests import conftest
 from tests.conftest import CONF, CORPORA, compose_config
 
@@ -32,15 +35,25 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         pytest.skip("sweeper configs are exercised by the sweep tests")
     cfg = compose_config([f"{group}={option}", *NEEDS.get((group, option), [])], run_dir=tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    resolve_precision(cfg)
-    model_cfg = instantiate(cfg.model, _convert_="all").with_vocab(1000)
+    if group == "experiment" and option in ("finetune", "eval"):
+        with pytest.raises(UserError, match=f"experiment={option} needs init_from=CKPT"):
+            resolve(cfg)
+        cfg = compose_config([], run_dir=tmp_path)  # the groups are checked below with the default experiment
+    spec = resolve(cfg)
+    model_cfg = spec.model.with_vocab(1000)
     assert model_cfg.vocab_size % 64 == 0
-    datamodule = instantiate(cfg.data, _convert_="all")  # built, not prepared
+    datamodule = build(cfg.data, "data", drop=tuple(k for k, _, _ in DATA_RUN_KEYS))  # built, not prepared
     assert datamodule.seq_len > 0
     params = [torch.nn.Parameter(torch.zeros(2, 2))]
     optimizer = instantiate(cfg.optim)(params)
     instantiate(cfg.sched)(optimizer, max_steps=10)
-    trainer = instantiate(cfg.trainer, callbacks=build_all(cfg.callbacks), logger=build_all(cfg.logger))
+    trainer = build(
+        cfg.trainer,
+        "trainer",
+        **spec.trainer_arguments(),
+        callbacks=build_all(cfg.callbacks),
+        logger=build_all(cfg.logger),
+    )
     assert str(tmp_path) in trainer.default_root_dir
 
 

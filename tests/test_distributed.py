@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from llm.checkpoints import consolidate
+from llm.runtime import launch
 from tests.conftest import ROOT, TINY
 from tests.test_resume import losses
 
@@ -143,3 +146,79 @@ def test_multirun_of_fsdp_jobs_runs_each_job_once(tmp_path, data_cache):
     for job in jobs:
         assert (sweep / job / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
         assert list((sweep / job / "tensorboard").glob("events.*"))
+
+
+# A sweep runs its jobs one after another in one process. Lightning's launcher never waits for the processes it
+# starts, and its observer thread SIGKILLs the launching process when one of them exits non-zero, also after
+# the job: a child of job 0 still shutting down when job 1 starts, and ending with -6, killed the sweep in the
+# middle of job 1 (seen as "child terminated with code -6" and a "Connection reset by peer" of job 1's child at
+# the prepare_data barrier). The tests below play one job of a sweep: the launcher's environment, a child
+# process and Lightning's own observer, watching a bystander that stands for the sweep's process.
+
+
+@pytest.fixture
+def job(monkeypatch):
+    """Starts (inside a job_scope) what Lightning's launcher starts: its environment, a child, an observer."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # the launching parent
+    monkeypatch.setenv("LLM_TEST_CHANGED", "before")
+    monkeypatch.setenv("LLM_TEST_REMOVED", "before")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    saved = dict(os.environ)
+    started: dict = {"bystander": bystander}
+
+    def start(child_code: str) -> None:
+        started["environ"] = dict(os.environ)  # as the job found it
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", NODE_RANK="0", LOCAL_RANK="0")
+        os.environ.update(WORLD_SIZE="2", PL_GLOBAL_SEED="1234", LLM_TEST_CHANGED="during")
+        del os.environ["LLM_TEST_REMOVED"]
+        child = subprocess.Popen([sys.executable, "-c", child_code])
+        # the observer's first look comes 2 s after the job's end at the latest: long after job_scope disarmed it
+        observer = _ChildProcessObserver(main_pid=bystander.pid, child_processes=[child], sleep_period=2)
+        observer.start()
+        started.update(child=child, observer=observer)
+
+    yield start, started
+    os.environ.clear()  # whatever happened, the next tests get the environment back
+    os.environ.update(saved)
+    for proc in (bystander, started.get("child")):
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ended_cleanly(started: dict) -> None:
+    started["observer"].join(timeout=10)  # it found nothing left to watch: it ended without killing anyone
+    assert not started["observer"].is_alive()
+    assert started["bystander"].poll() is None  # the sweep's process lives on
+    assert dict(os.environ) == started["environ"]  # added, changed and removed variables all restored
+
+
+def test_multirun_job_end_waits_for_its_processes_and_disarms_their_observer(job):
+    start, started = job
+    with pytest.raises(RuntimeError, match="-6"):  # the child's failure fails its own job, not the next one
+        with launch.job_scope():
+            start("import os; os.abort()")  # a child that ends with -6 after the job's end (as in the issue)
+    assert started["child"].returncode == -signal.SIGABRT  # waited for before the next job could start
+    _ended_cleanly(started)
+
+
+def test_multirun_job_end_ends_a_hung_process(job, monkeypatch):
+    monkeypatch.setattr(launch, "CHILD_EXIT_TIMEOUT_S", 0.5)
+    start, started = job
+    with pytest.raises(RuntimeError, match=str(-signal.SIGTERM)):
+        with launch.job_scope():
+            start("import time; time.sleep(120)")
+    assert started["child"].returncode == -signal.SIGTERM
+    _ended_cleanly(started)
+
+
+def test_multirun_failed_job_ends_its_processes(job):
+    start, started = job
+    with pytest.raises(ValueError, match="rank 0 failed"):  # the job's own error, not the children's
+        with launch.job_scope():
+            start("import time; time.sleep(120)")
+            raise ValueError("rank 0 failed")
+    assert started["child"].returncode is not None
+    _ended_cleanly(started)

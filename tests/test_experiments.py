@@ -16,10 +16,9 @@ from tokenizers import Tokenizer
 import train
 from datamodules.sources import DataError
 from datamodules.tokenizer import train_tokenizer
-from llm.app.experiments import merge_model
-from llm.core.config import ModelConfig
+from llm.app.init_from import merge_model
 from llm.errors import UserError
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import ROOT, TINY, compose_config, debug_model
 
 RUN = [o for o in TINY if not o.startswith(("model.", "data."))]  # trainer, sched and callbacks settings
 RUN_CLS = [o for o in RUN if not o.startswith("callbacks.samples")]  # a classifier writes no text samples
@@ -175,7 +174,7 @@ def test_errors_with_init_from(pretrained, tmp_path):
 
 
 def test_merge_model_takes_the_checkpoint_shape():
-    saved = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512, max_seq_len=256)
+    saved = debug_model(vocab_size=512, max_seq_len=256)
     asked = {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "vocab_size": None, "max_seq_len": 128,
              "dropout": 0.1, "compile": False}  # fmt: skip
     merged = merge_model(asked, saved, {}, "x.ckpt")  # nothing explicit: model=tiny's defaults give way

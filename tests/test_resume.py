@@ -188,11 +188,10 @@ def test_sigkill_anytime_then_resume_reaches_the_same_weights(tmp_path, data_cac
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # 2. killed in the middle of writing a checkpoint (the write is slowed down to hit it)
-    env = {**os.environ, "LLM_TEST_CKPT_WRITE_DELAY": "2"}
+    slow = [sys.executable, str(ROOT / "tests" / "slow_checkpoint_write.py")]
     proc = subprocess.Popen(
-        _train_cmd(killed, data_cache, "ckpt_path=last"),
+        [*slow, *_train_cmd(killed, data_cache, "ckpt_path=last")[2:]],
         cwd=ROOT,
-        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -248,3 +247,13 @@ def test_ckpt_path_last_without_checkpoint_starts_fresh(tiny_cfg, capsys):
     cfg = tiny_cfg("trainer.max_steps=1", "callbacks.samples=null", "ckpt_path=last")
     train.train(cfg)
     assert "no checkpoint at" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_with_compile_on_is_the_same_model(tiny_cfg):
+    """`ckpt_path=last model.compile=true`: compilation changes how the model runs, not which model it is."""
+    train.train(tiny_cfg("trainer.max_steps=2", "callbacks.samples=null"))
+    resumed = tiny_cfg("trainer.max_steps=4", "callbacks.samples=null", "ckpt_path=last", "model.compile=true")
+    assert math.isfinite(train.train(resumed))
+    ckpt = torch.load(Path(resumed.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["model"]["compile"] is True

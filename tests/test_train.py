@@ -60,3 +60,22 @@ def test_user_error_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "missing.txt" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_validation_off_finishes_ok_with_the_last_train_loss(tmp_path, data_cache):
+    """`trainer.limit_val_batches=0`: no validation at all; the job still ends `ok`, and says so."""
+    from tests.conftest import TINY
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *TINY, "trainer.limit_val_batches=0", f"data.cache_dir={data_cache}"]
+    proc = subprocess.run(
+        [*cmd, f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "ok" and status["validation"] == "off"
+    tags = read_tags(run / "tensorboard")
+    assert "val/loss" not in tags["scalars"]
+    last_train_loss = tags["acc"].Scalars("train/loss")[-1].value
+    assert status["train_loss"] == pytest.approx(last_train_loss, rel=1e-6)
+    assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -12,146 +12,87 @@ Example sets given as ``data.paths`` alone are evaluated whole; with ``data.val_
 is evaluated on its val split (``data.val_fraction``). ``trainer.limit_val_batches`` bounds the batches read.
 
 The run directory gets ``eval.json`` (every number), ``samples.jsonl`` for generations (prompt, reference,
-generation) and the same numbers in TensorBoard under ``eval/``. Evaluation runs in one process, on the first
-GPU when the trainer config allows one, else on the CPU.
+generation) and the same numbers in TensorBoard under ``eval/``.
 
-Definitions: loss is the mean cross-entropy per predicted token (per example for a classifier), perplexity its
-exponential. BLEU is corpus BLEU-4 on whitespace tokens (``torchmetrics.text.BLEUScore``, no smoothing: 0 when
-no 4-gram matches, as for one-word answers); ROUGE-L is the mean F-measure of the longest common subsequence
-on lower-cased alphanumeric tokens (``torchmetrics.text.ROUGEScore``, no stemming, so nltk is not needed).
-Macro averages are over the classes present in the labels or the predictions (torchmetrics, as scikit-learn).
+The numbers other than the generations' are not computed here: a one-device Lightning ``Trainer.validate`` runs
+the module's own ``validation_step`` and torchmetrics (llm/training/module.py), and eval.json gets the module's
+``validation_results``: by definition the numbers training's validation logs as val/*. A Trainer rather than the
+steps called by hand, because it places the module as training does (the run's accelerator, its first device,
+``trainer.precision``'s autocast or dtype, no gradients, eval mode), reads ``trainer.limit_val_batches`` by
+Lightning's own rule and calls the epoch-end hook that computes the metrics. Evaluation runs in one process.
+
+Definitions (the module's docstrings have them too): loss is the mean cross-entropy per predicted token (per
+example for a classifier), perplexity its exponential. BLEU is corpus BLEU-4 on whitespace tokens
+(``torchmetrics.text.BLEUScore``, no smoothing: 0 when no 4-gram matches, as for one-word answers); ROUGE-L is the
+mean F-measure of the longest common subsequence on lower-cased alphanumeric tokens (``torchmetrics.text.ROUGEScore``,
+no stemming, so nltk is not needed). Macro averages are over the classes present in the labels or the predictions
+(torchmetrics, as scikit-learn).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
 from torchmetrics.text import BLEUScore, ROUGEScore
 
-from datamodules.classify import ClassifyDataModule
-from datamodules.sft import SFTDataModule
 from llm.app.builders import build_all
-from llm.app.experiments import setting
+from llm.app.schema import ExperimentSettings
 from llm.core.sampling import generate
-from llm.training.module import IGNORE_INDEX, SequenceClassifier, log_confusion
+from llm.errors import UserError
+from llm.training.module import SequenceClassifier, TransformerModule
+from llm.training.plots import log_confusion
+
+if TYPE_CHECKING:
+    from llm.app.spec import RunSpec
 
 
 def kind_of(module: L.LightningModule, datamodule: L.LightningDataModule) -> str:
-    """``"classification"``, ``"sft"`` or ``"text"`` (train.py's tasks.build_module rejected the other pairs)."""
+    """``"classification"``, ``"sft"`` or ``"text"`` (the Eval experiment rejected the other pairs)."""
     if isinstance(module, SequenceClassifier):
         return "classification"
-    return "sft" if isinstance(datamodule, SFTDataModule) else "text"
-
-
-def placement(trainer: DictConfig | dict) -> tuple[torch.device, torch.dtype | None]:
-    """The device (first GPU if the trainer may use one) and the autocast dtype its precision asks for."""
-    accelerator = str(trainer.get("accelerator", "auto")).lower()
-    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
-        precision = str(trainer.get("precision", "32-true"))
-        dtype = (
-            torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
-        )
-        return torch.device("cuda", 0), dtype
-    return torch.device("cpu"), None
-
-
-def _limited(loader: Iterable, limit: float | int | None) -> Iterable:
-    """The batches of ``loader`` up to Lightning's ``limit_val_batches`` (an int: batches; a float: a fraction)."""
-    if limit is None or (isinstance(limit, float) and limit >= 1.0):
-        yield from loader
-        return
-    n = int(limit) if isinstance(limit, int) else max(1, int(limit * len(loader)))
-    for i, batch in enumerate(loader):
-        if i >= n:
-            return
-        yield batch
+    return "sft" if datamodule.kind == "sft" else "text"
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
 
 
-@torch.inference_mode()
-def language_model_metrics(
-    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device=None, autocast=None
-) -> dict[str, float]:
-    """Loss per predicted token, perplexity and next-token accuracy over batches of ``{"input_ids", "labels"}``.
-
-    Tokens labelled -100 (padding, prompts) do not count.
-    """
-    device = device or torch.device("cpu")
-    total, correct, count = 0.0, 0, 0
-    for batch in batches:
-        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        with _autocast(device, autocast):
-            logits = model(input_ids)
-        logits = logits.float().flatten(0, 1)
-        labels = labels.flatten()
-        total += float(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
-        keep = labels != IGNORE_INDEX
-        correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
-        count += int(keep.sum())
-    if count == 0:
-        raise ValueError("no labelled token to evaluate")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / count, "tokens": count}
+def eval_trainer(
+    accelerator: str, precision: str, limit_val_batches: int | float | None, root_dir: str | Path | None = None
+) -> L.Trainer:
+    """A Trainer that only validates, on one device of ``accelerator`` ("cuda" or "cpu"), writing nothing."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        limit_val_batches=limit_val_batches,
+        logger=False,  # eval.json and the eval/ scalars are written below, once
+        enable_checkpointing=False,
+        callbacks=[],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root_dir,
+    )
 
 
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor, labels: Sequence[str]) -> dict[str, Any]:
-    """Every classification number from logits (N, K) and targets (N,): overall, macro, and per class."""
-    n = len(labels)
-    logits, target = logits.float(), target.long()
-    preds = logits.argmax(-1)
-
-    def per_class(values: torch.Tensor) -> dict[str, float]:
-        return {label: float(v) for label, v in zip(labels, values)}
-
-    support = torch.bincount(target, minlength=n)
-    return {
-        "loss": float(F.cross_entropy(logits, target)),
-        "accuracy": float(multiclass_accuracy(preds, target, n, average="micro")),
-        "f1_macro": float(multiclass_f1_score(preds, target, n, average="macro")),
-        "precision_macro": float(multiclass_precision(preds, target, n, average="macro")),
-        "recall_macro": float(multiclass_recall(preds, target, n, average="macro")),
-        "precision": per_class(multiclass_precision(preds, target, n, average=None)),
-        "recall": per_class(multiclass_recall(preds, target, n, average=None)),
-        "f1": per_class(multiclass_f1_score(preds, target, n, average=None)),
-        "support": {label: int(s) for label, s in zip(labels, support)},
-        "labels": list(labels),
-        "confusion_matrix": multiclass_confusion_matrix(preds, target, n).tolist(),  # rows: true, columns: predicted
-    }
-
-
-@torch.inference_mode()
-def classify_all(
-    module: SequenceClassifier, batches: Iterable[dict[str, torch.Tensor]], device=None, autocast=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N, K), targets (N,)) of every example."""
-    device = device or torch.device("cpu")
-    logits, targets = [], []
-    for batch in batches:
-        with _autocast(device, autocast):
-            out = module(batch["input_ids"].to(device), batch["lengths"].to(device))
-        logits.append(out.float().cpu())
-        targets.append(batch["labels"])
-    return torch.cat(logits), torch.cat(targets)
+def measure(trainer: L.Trainer, module: TransformerModule, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """The module's validation metrics over ``datamodule``'s val batches (as many as the trainer's limit allows)."""
+    module.validation_results = None
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = module.validation_results
+    if not results or not results.get("tokens", results.get("examples")):
+        raise UserError(
+            "nothing to evaluate: the val split gave no labelled token or example"
+            f" (trainer.limit_val_batches={trainer.limit_val_batches})"
+        )
+    return dict(results)
 
 
 def _normalise(text: str) -> str:
@@ -188,52 +129,44 @@ def generate_answers(
     return out
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 # --------------------------------------------------------------------------------------------------------- run
 
 
-def run(cfg: DictConfig, module: L.LightningModule, datamodule: L.LightningDataModule) -> float:
+def run(spec: RunSpec, module: TransformerModule, datamodule: L.LightningDataModule) -> float:
     """Evaluate ``module`` (init_from's weights) on the data; write eval.json (and samples.jsonl); return the loss."""
     kind = kind_of(module, datamodule)
-    device, autocast = placement(cfg.trainer)
-    module.configure_model()
-    module.to(device).eval()
-    limit = cfg.trainer.get("limit_val_batches")
-    batches = _limited(datamodule.val_dataloader(), limit)
-    result: dict[str, Any] = {"kind": kind, "init_from": str(cfg.init_from), "data": _describe(datamodule)}
+    limit = spec.cfg.trainer.get("limit_val_batches")
+    trainer = eval_trainer(spec.topology.accelerator, spec.precision, limit, spec.run_dir)
+    metrics = measure(trainer, module, datamodule)
+    result: dict[str, Any] = {"kind": kind, "init_from": spec.init.path, "data": _describe(datamodule)}
     samples: list[dict[str, str]] = []
     if kind == "classification":
-        logits, target = classify_all(module, batches, device, autocast)
-        metrics = classification_metrics(logits, target, module.labels)
-        result["examples"] = len(target)
-    else:
-        metrics = language_model_metrics(module.model, batches, device, autocast)
-        if kind == "sft":
-            samples = _sft_samples(cfg, module, datamodule, device)
-            metrics.update(generation_metrics([s["generation"] for s in samples], [s["reference"] for s in samples]))
-            metrics["generated"] = len(samples)
-            result["generation"] = {"decoding": "greedy", "max_new_tokens": int(setting(cfg, "max_new_tokens", 64))}
-            metrics["response_tokens"] = metrics.pop("tokens")
+        result["examples"] = metrics.pop("examples")  # beside the metrics, as before: not an eval/ scalar
+    elif kind == "sft":
+        # the Trainer's teardown left the module on the CPU (and in the mode it found it): generate on the device
+        module.to(trainer.strategy.root_device).eval()
+        samples = _sft_samples(spec.settings, module, datamodule)
+        metrics.update(generation_metrics([s["generation"] for s in samples], [s["reference"] for s in samples]))
+        metrics["generated"] = len(samples)
+        result["generation"] = {"decoding": "greedy", "max_new_tokens": spec.settings.max_new_tokens}
+        metrics["response_tokens"] = metrics.pop("tokens")
     result["metrics"] = metrics
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if samples:
         with open(run_dir / "samples.jsonl", "w", encoding="utf-8") as f:
             for s in samples:
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
-    _log(cfg, metrics, samples)
+    _log(spec.cfg.logger, metrics, samples)
     print(summary(result))
     return float(metrics["loss"])
 
 
-def _sft_samples(cfg: DictConfig, module, datamodule: SFTDataModule, device: torch.device) -> list[dict[str, str]]:
+def _sft_samples(settings: ExperimentSettings, module, datamodule: L.LightningDataModule) -> list[dict[str, str]]:
     examples = datamodule.val_dataset.examples
-    cap = setting(cfg, "max_samples", None)
+    cap = settings.max_samples
     examples = examples if cap is None else examples[: int(cap)]
     special = module.checkpoint_extras.get("special_tokens") or {}
     eos_ids = special.get("eos_ids") or [datamodule.eos_id]
@@ -242,7 +175,7 @@ def _sft_samples(cfg: DictConfig, module, datamodule: SFTDataModule, device: tor
         module.model,
         [e.prompt.tolist() for e in examples],
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        max_new_tokens=int(setting(cfg, "max_new_tokens", 64)),
+        max_new_tokens=settings.max_new_tokens,
         batch_size=datamodule.batch_size,
         eos_ids=eos_ids,
         pad_id=datamodule.pad_id,
@@ -252,7 +185,7 @@ def _sft_samples(cfg: DictConfig, module, datamodule: SFTDataModule, device: tor
 
 def _describe(datamodule: L.LightningDataModule) -> dict[str, Any]:
     report = getattr(datamodule, "report", {}) or {}
-    if isinstance(datamodule, (SFTDataModule, ClassifyDataModule)):
+    if datamodule.kind in ("sft", "classify"):
         return {
             "kind": datamodule.kind,
             "files": report.get("val_files") or report.get("files"),
@@ -262,9 +195,9 @@ def _describe(datamodule: L.LightningDataModule) -> dict[str, Any]:
     return {"kind": "text", "split": "val", "tokens": report.get("tokens", {}).get("val")}
 
 
-def _log(cfg: DictConfig, metrics: dict[str, Any], samples: list[dict[str, str]]) -> None:
+def _log(logger_cfg: DictConfig, metrics: dict[str, Any], samples: list[dict[str, str]]) -> None:
     """The same numbers in TensorBoard: scalars under eval/, per-class under eval/<metric>/<label>."""
-    loggers = [lg for lg in build_all(cfg.logger) if isinstance(lg, TensorBoardLogger)]
+    loggers = [lg for lg in build_all(logger_cfg) if isinstance(lg, TensorBoardLogger)]
     if not loggers:
         return
     scalars: dict[str, float] = {}

@@ -16,9 +16,13 @@ import importlib
 import inspect
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from llm.errors import UserError
 
 _SCALARS = (int, float, str, bool)
 
@@ -47,8 +51,11 @@ def _hints(fn: Any) -> dict[str, Any]:
         return {}
 
 
-def schema_for(target: str, *, partial: bool = False, skip: tuple[str, ...] = ()) -> type:
-    """A dataclass whose fields are ``_target_`` plus every keyword ``target`` accepts."""
+def schema_for(
+    target: str, *, partial: bool = False, skip: tuple[str, ...] = (), extra: tuple[tuple[str, Any, Any], ...] = ()
+) -> type:
+    """A dataclass whose fields are ``_target_`` plus every keyword ``target`` accepts (and ``extra`` fields: keys
+    of the group that the run reads rather than the target, as (name, type, default))."""
     obj = _import(target)
     fn = obj.__init__ if inspect.isclass(obj) else obj
     hints = _hints(fn)
@@ -74,6 +81,8 @@ def schema_for(target: str, *, partial: bool = False, skip: tuple[str, ...] = ()
         if not isinstance(default, (*_SCALARS, type(None))):
             default, ftype = None, Any  # containers and objects: untyped, filled by the YAML
         fields.append((name, ftype, dataclasses.field(default=default)))
+    known = {f[0] for f in fields}
+    fields += [(n, ftype, dataclasses.field(default=default)) for n, ftype, default in extra if n not in known]
     name = target.rpartition(".")[2] + "Schema"
     return dataclasses.make_dataclass(name, fields)
 
@@ -91,6 +100,25 @@ class PlanSchema:
 
 
 @dataclasses.dataclass
+class ExperimentSettings:
+    """``experiment.*``: the settings of a task beyond the groups; each experiment file sets the ones it uses."""
+
+    label_smoothing: float = 0.0  # classify: of the training loss (val/loss is plain cross-entropy)
+    max_new_tokens: int = 64  # eval with data=sft: tokens per generated answer
+    max_samples: int | None = 500  # eval with data=sft: answers generated (the first of the eval set); null: all
+
+    def __post_init__(self) -> None:
+        from llm.errors import UserError
+
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"experiment.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.max_new_tokens < 0:
+            raise UserError(f"experiment.max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.max_samples is not None and self.max_samples < 0:
+            raise UserError(f"experiment.max_samples={self.max_samples} must be >= 0 (or null: all)")
+
+
+@dataclasses.dataclass
 class RootSchema:
     """Top-level keys of ``conf/config.yaml``; the group nodes are typed by their own schemas."""
 
@@ -101,7 +129,6 @@ class RootSchema:
     init_from: str | None = None
     checkpoint: CheckpointSchema = dataclasses.field(default_factory=CheckpointSchema)
     plan: PlanSchema = dataclasses.field(default_factory=PlanSchema)
-    samples: Any = None
     model: Any = None
     data: Any = None
     trainer: Any = None
@@ -109,10 +136,12 @@ class RootSchema:
     sched: Any = None
     callbacks: Any = None
     logger: Any = None
-    experiment: Any = None
+    experiment: ExperimentSettings = dataclasses.field(default_factory=ExperimentSettings)
     hparams_search: Any = None
 
 
+# keys of the data group that the run reads (llm/app/spec.py), not the DataModule
+DATA_RUN_KEYS = (("global_batch_size", int | None, None),)  # samples per optimizer step: sets the accumulation
 # group -> (target, partial, arguments that train.py passes in code rather than from YAML)
 GROUP_TARGETS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "model": ("llm.core.config.ModelConfig", False, ()),
@@ -138,4 +167,42 @@ def register() -> None:
         cs.store(group=group, name="schema", node=schema_for(target, partial=partial, skip=skip))
     for target in DATA_TARGETS:
         short = target.rpartition(".")[2]
-        cs.store(group="data", name=f"schema_{short}", node=schema_for(target))
+        cs.store(group="data", name=f"schema_{short}", node=schema_for(target, extra=DATA_RUN_KEYS))
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/, as train.py composes it
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `python train.py *overrides` composes; Hydra's errors become one-line UserErrors."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(_one_line(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's multi-line message in one line: its first line, the options it lists, the underlying cause."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    message = lines[0] if lines else type(err).__name__
+    if any(line.startswith("Available options") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+        end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
+        options = [o for o in lines[start:end] if o != "schema" and not o.startswith("schema_")]
+        message += f" (available: {', '.join(options)})"
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        message = message.rstrip(".") + f": {str(cause).strip().splitlines()[0]}"
+    return message

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llm.errors import UserError
+
 # Keys of a Llama 3 `rope_scaling` dict, as in Hugging Face configs ("type" is the older spelling of "rope_type").
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -21,7 +23,7 @@ ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_
 def pad_vocab(n: int, multiple: int = 64) -> int:
     """Round a tokenizer's vocabulary size up to a multiple of `multiple` (matmuls on GPUs like round shapes)."""
     if n <= 0:
-        raise ValueError(f"vocabulary size must be positive, got {n}")
+        raise UserError(f"vocabulary size must be positive, got {n}")
     return multiple * math.ceil(n / multiple)
 
 
@@ -48,9 +50,9 @@ class ModelConfig:
         for name in ("dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             _check_positive_int(name, getattr(self, name))
         if self.dim % self.n_heads != 0:
-            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+            raise UserError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
         if self.head_dim % 2 != 0:
-            raise ValueError(
+            raise UserError(
                 f"head_dim = model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings"
             )
 
@@ -58,14 +60,14 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         _check_positive_int("n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
+            raise UserError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
 
         if self.ffn_dim is None:
             # Llama: two thirds of 4*dim keeps SwiGLU's three matrices at the cost of a 4*dim two-matrix MLP.
             hidden = int(2 * 4 * self.dim / 3)
             if self.ffn_dim_multiplier is not None:
                 if self.ffn_dim_multiplier <= 0:
-                    raise ValueError(f"model.ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
+                    raise UserError(f"model.ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.ffn_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
         _check_positive_int("ffn_dim", self.ffn_dim)
@@ -73,13 +75,13 @@ class ModelConfig:
         if self.vocab_size is not None:
             _check_positive_int("vocab_size", self.vocab_size)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
-            raise ValueError(f"model.rope_theta must be positive, got {self.rope_theta}")
+            raise UserError(f"model.rope_theta must be positive, got {self.rope_theta}")
         if self.norm_eps <= 0:
-            raise ValueError(f"model.norm_eps must be positive, got {self.norm_eps}")
+            raise UserError(f"model.norm_eps must be positive, got {self.norm_eps}")
         if self.init_std <= 0:
-            raise ValueError(f"model.init_std must be positive, got {self.init_std}")
+            raise UserError(f"model.init_std must be positive, got {self.init_std}")
         self.rope_theta = float(self.rope_theta)
         if self.rope_scaling is not None:
             self.rope_scaling = _check_rope_scaling(self.rope_scaling)
@@ -93,7 +95,7 @@ class ModelConfig:
         if self.vocab_size is None:
             return dataclasses.replace(self, vocab_size=pad_vocab(n_tokenizer))
         if self.vocab_size < n_tokenizer:
-            raise ValueError(
+            raise UserError(
                 f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's vocabulary ({n_tokenizer});"
                 " set model.vocab_size=null to follow the tokenizer"
             )
@@ -108,28 +110,28 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {', '.join(unknown)}")
+            raise UserError(f"unknown ModelConfig keys: {', '.join(unknown)}")
         return cls(**{k: copy.deepcopy(v) for k, v in d.items()})
 
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        raise UserError(f"model.{name} must be a positive integer, got {value!r}")
 
 
 def _check_rope_scaling(rope_scaling: Mapping[str, Any]) -> dict[str, Any]:
     scaling = dict(rope_scaling)  # also turns an OmegaConf DictConfig into a plain dict
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type != "llama3":
-        raise ValueError(f"model.rope_scaling: only rope_type 'llama3' is supported, got {rope_type!r}")
+        raise UserError(f"model.rope_scaling: only rope_type 'llama3' is supported, got {rope_type!r}")
     missing = [k for k in ROPE_SCALING_KEYS if k not in scaling]
     if missing:
-        raise ValueError(f"model.rope_scaling is missing keys: {', '.join(missing)}")
+        raise UserError(f"model.rope_scaling is missing keys: {', '.join(missing)}")
     unknown = sorted(set(scaling) - set(ROPE_SCALING_KEYS) - {"rope_type", "type"})
     if unknown:
-        raise ValueError(f"model.rope_scaling has unknown keys: {', '.join(unknown)}")
+        raise UserError(f"model.rope_scaling has unknown keys: {', '.join(unknown)}")
     if scaling["factor"] <= 0 or scaling["original_max_position_embeddings"] <= 0:
-        raise ValueError("model.rope_scaling: factor and original_max_position_embeddings must be positive")
+        raise UserError("model.rope_scaling: factor and original_max_position_embeddings must be positive")
     if not 0 < scaling["low_freq_factor"] < scaling["high_freq_factor"]:
-        raise ValueError("model.rope_scaling: need 0 < low_freq_factor < high_freq_factor")
+        raise UserError("model.rope_scaling: need 0 < low_freq_factor < high_freq_factor")
     return scaling

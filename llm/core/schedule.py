@@ -7,6 +7,8 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from llm.errors import UserError
+
 
 class WarmupCosine(LambdaLR):
     """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``.
@@ -18,9 +20,9 @@ class WarmupCosine(LambdaLR):
 
     def __init__(self, optimizer: Optimizer, max_steps: int, warmup_steps: int = 100, min_lr: float = 0.0) -> None:
         if warmup_steps < 0:
-            raise ValueError(f"sched.warmup_steps must be >= 0, got {warmup_steps}")
+            raise UserError(f"sched.warmup_steps must be >= 0, got {warmup_steps}")
         if max_steps <= 0:
-            raise ValueError(f"the schedule needs a finite number of steps (trainer.max_steps), got {max_steps}")
+            raise UserError(f"the schedule needs a finite number of steps (trainer.max_steps), got {max_steps}")
         self.warmup_steps = warmup_steps
         self.max_steps = max_steps
         self.min_lr = min_lr

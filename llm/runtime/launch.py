@@ -69,26 +69,101 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 
 
+CHILD_EXIT_TIMEOUT_S = 300.0  # a finished job's processes exit within seconds; this bounds a hung one
+
+
 @contextmanager
 def job_scope() -> Iterator[None]:
     """Leave the process as the job found it: a sweep runs its DDP/FSDP jobs one after another in one process.
 
     Lightning's launcher sets LOCAL_RANK, WORLD_SIZE, MASTER_PORT... in the parent's environment and keeps the
     process group; the next job would then believe its processes were started externally and wait for peers
-    that never come. Only the launching parent is cleaned (a child's environment was given to it).
+    that never come. It also never waits for the processes it started, and its child-process observer (a
+    thread that SIGKILLs the whole process when one of *its* children exits non-zero) outlives the job: a
+    child of job 0 still shutting down when job 1 starts, and ending with a non-zero code, killed the sweep in
+    the middle of job 1. So at the end of a job its observers are disarmed and its children are reaped (a
+    failed one fails this job, not the next), then the process group is destroyed (after the children: they
+    never see their peer go away while they still run) and the environment is restored exactly.
+    Only the launching parent is cleaned (a child's environment was given to it).
     """
     before = dict(os.environ)
     launched_here = "LOCAL_RANK" not in before
+    observers_before = set(_child_observers())
+    failed = True
     try:
         yield
+        failed = False
     finally:
         if launched_here:
-            import torch.distributed as dist
+            try:
+                observers = [t for t in _child_observers() if t not in observers_before]
+                children = [proc for t in observers for proc in _disarm(t)]
+                if failed:  # rank 0 gave up: the others may wait in a collective for it, end them
+                    _destroy_process_group()
+                    codes = _reap(children, timeout=0.0)
+                else:
+                    codes = _reap(children, timeout=CHILD_EXIT_TIMEOUT_S)
+                    _destroy_process_group()
+            finally:
+                _restore_environ(before)
+            bad = {proc.pid: code for proc, code in zip(children, codes) if code != 0}
+            if bad and not failed:
+                raise RuntimeError(f"a process of this job ended badly (pid: exit code): {bad}")
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-            for key in set(os.environ) - set(before):
-                del os.environ[key]
+
+def _child_observers() -> list:
+    """The running observer threads of Lightning's subprocess launchers (one per launch)."""
+    import threading
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    return [t for t in threading.enumerate() if isinstance(t, _ChildProcessObserver)]
+
+
+def _disarm(observer) -> list:
+    """Stop ``observer`` from acting on its children (it would SIGKILL this process if one exits non-zero, even
+    during a later job); returns those children. Its next wake-up finds no children and ends the thread; a
+    check already under way sends signal 0, which kills nothing."""
+    children = list(observer._child_processes)
+    observer._termination_signal = 0
+    observer._child_processes = []
+    observer._finished = True
+    return children
+
+
+def _reap(children: list, timeout: float) -> list[int]:
+    """Wait up to ``timeout`` s for ``children`` to exit, then SIGTERM, then SIGKILL; their exit codes."""
+    import subprocess
+
+    deadline = time.monotonic() + timeout
+    for sig in (None, "terminate", "kill"):
+        for proc in children:
+            if proc.poll() is None and sig is not None:
+                getattr(proc, sig)()
+        for proc in children:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.0) if sig is None else 10.0)
+            except subprocess.TimeoutExpired:
+                pass
+        if all(proc.returncode is not None for proc in children):
+            break
+    return [proc.returncode for proc in children]
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _restore_environ(before: dict[str, str]) -> None:
+    """Undo every change the job made to the environment: added, changed and removed variables."""
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    for key, value in before.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def in_sweep() -> bool:

@@ -5,6 +5,11 @@ Trainer's business. The Transformer is built in ``configure_model`` from a plain
 FSDP Lightning can build it on the meta device, and so that a checkpoint's hyper-parameters rebuild it.
 Weights to start from (``init_from``) are loaded by ``load_weights`` after building.
 
+Each module owns its validation metrics (torchmetrics, reduced across ranks): ``validation_step`` feeds them,
+``on_validation_epoch_end`` logs a few to TensorBoard and keeps every number in ``validation_results`` before the
+reset. ``experiment=eval`` (llm/app/evaluate.py) runs the same validation and writes those numbers to eval.json,
+so training's val/* and eval.json cannot disagree on what a loss or an accuracy is.
+
 Every checkpoint carries what is needed to use it alone: the tokenizer (``tokenizer``), the chat template of a
 finetuned model (``chat_template``: Jinja for Hugging Face, ``chat_format``: ours, see datamodules/sft.py) and
 the classifier's labels (in ``hyper_parameters``).
@@ -12,24 +17,32 @@ the classifier's labels (in ``hyper_parameters``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from llm.core.config import ModelConfig
 from llm.core.model import Transformer
+from llm.errors import UserError
 from llm.training import parallelize
 from llm.training.optim import fused_default, loss_scaled, param_groups
+from llm.training.plots import log_confusion
 
 IGNORE_INDEX = -100
 CHECKPOINT_EXTRAS = ("special_tokens", "hf_tokenizer_config")  # a converted checkpoint's, carried along
@@ -61,6 +74,8 @@ class TransformerModule(L.LightningModule):
         self.chat_format: str | None = None  # our template string (datamodules.sft.ChatTemplate)
         self.chat_template: str | None = None  # the same as Jinja, for Hugging Face's tokenizer_config.json
         self.checkpoint_extras: dict[str, Any] = {}
+        # every number of the last validation epoch, as plain Python (see the subclasses' validation_metrics)
+        self.validation_results: dict[str, Any] | None = None
 
     def configure_model(self) -> None:
         if self.model is None:  # idempotent: Lightning may call it again when restoring
@@ -144,10 +159,12 @@ class CausalLM(TransformerModule):
     ) -> None:
         super().__init__(model, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.val_loss = MeanMetric()
+        # metric states are not persistent: renaming or adding one leaves checkpoints as they are
+        self.val_loss = MeanMetric()  # weighted by the tokens of each batch: the loss per token
         self.val_acc = MulticlassAccuracy(
             num_classes=self.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
         )
+        self.val_tokens = SumMetric().set_dtype(torch.float64)  # a count: exact beyond float32's 2**24
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -163,22 +180,39 @@ class CausalLM(TransformerModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        labels = batch["labels"]
-        logits = self(batch["input_ids"])
+        self.update_validation_metrics(self(batch["input_ids"]), batch["labels"])
+
+    def update_validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch's logits (B, T, V) against its labels (B, T) to the epoch's metrics."""
         n_tokens = (labels != IGNORE_INDEX).sum()
-        # token-weighted mean, so that val/loss is the loss per token whatever the batch split
-        self.val_loss.update(self.loss(logits, labels), weight=n_tokens)
+        total = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        # sum / count weighted by count is the loss per token whatever the batch split; clamp: a batch without
+        # a labelled token (a truncated response) adds 0 with weight 0 instead of the NaN of an empty mean
+        self.val_loss.update(total / n_tokens.clamp(min=1), weight=n_tokens)
         self.val_acc.update(logits.flatten(0, 1), labels.flatten())
+        self.val_tokens.update(n_tokens)
+
+    def validation_metrics(self) -> dict[str, Any]:
+        """Loss per labelled token, perplexity (its exponential), next-token accuracy and the tokens counted."""
+        loss = float(self.val_loss.compute())
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),  # a float64 exponential, finite for any loss a model has
+            "accuracy": float(self.val_acc.compute()),
+            "tokens": int(self.val_tokens.compute()),
+        }
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        self.validation_results = results = self.validation_metrics()
         self.log_dict(
-            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/acc": self.val_acc.compute()},
+            {"val/loss": results["loss"], "val/ppl": results["perplexity"], "val/acc": results["accuracy"]},
             prog_bar=True,
             sync_dist=False,  # torchmetrics already reduced across ranks
         )
-        self.val_loss.reset()
-        self.val_acc.reset()
+        for metric in (self.val_loss, self.val_acc, self.val_tokens):
+            metric.reset()
 
 
 class ClassifierHead(nn.Linear):
@@ -220,19 +254,30 @@ class SequenceClassifier(TransformerModule):
         super().__init__(model, optimizer, scheduler)
         labels = [str(label) for label in labels]
         if len(labels) < 2:
-            raise ValueError(f"a classifier needs at least 2 labels, got {labels}")
+            raise UserError(f"a classifier needs at least 2 labels, got {labels}")
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+            raise UserError(f"experiment.label_smoothing={label_smoothing} must be in [0, 1)")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.labels = labels
         self.label_smoothing = float(label_smoothing)
         self.head: ClassifierHead | None = None
         self.dropout = nn.Dropout(self.config.dropout)
         n = len(labels)
-        self.val_loss = MeanMetric()
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.val_confusion = MulticlassConfusionMatrix(num_classes=n)
+        self.val_loss = MeanMetric()  # plain cross-entropy per example
+        # named as in eval.json; metrics of one kind of state (the per-class stat scores behind precision, recall
+        # and F1) form one compute group, updated and reduced across ranks once
+        self.val_metrics = MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(num_classes=n, average="micro"),
+                "f1_macro": MulticlassF1Score(num_classes=n, average="macro"),
+                "precision_macro": MulticlassPrecision(num_classes=n, average="macro"),
+                "recall_macro": MulticlassRecall(num_classes=n, average="macro"),
+                "precision": MulticlassPrecision(num_classes=n, average=None),
+                "recall": MulticlassRecall(num_classes=n, average=None),
+                "f1": MulticlassF1Score(num_classes=n, average=None),
+                "confusion_matrix": MulticlassConfusionMatrix(num_classes=n),  # rows: true, columns: predicted
+            }
+        )
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -259,59 +304,43 @@ class SequenceClassifier(TransformerModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["lengths"])
-        labels = batch["labels"]
+        self.update_validation_metrics(self(batch["input_ids"], batch["lengths"]), batch["labels"])
+
+    def update_validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch's logits (B, n_classes) against its labels (B,) to the epoch's metrics."""
         self.val_loss.update(F.cross_entropy(logits.float(), labels), weight=labels.numel())
-        self.val_acc.update(logits, labels)
-        self.val_f1.update(logits, labels)
-        self.val_confusion.update(logits, labels)
+        self.val_metrics.update(logits, labels)
+
+    def validation_metrics(self) -> dict[str, Any]:
+        """Loss, accuracy, macro and per-class precision / recall / F1, support, confusion matrix, examples.
+
+        Macro averages are over the classes present in the labels or the predictions (torchmetrics, as
+        scikit-learn). Support and examples are read off the confusion matrix (its rows are the true labels), so
+        that no second count can disagree with it.
+        """
+        values = self.val_metrics.compute()
+        confusion = values.pop("confusion_matrix").long()
+        results: dict[str, Any] = {"loss": float(self.val_loss.compute())}
+        results.update({key: float(values[key]) for key in ("accuracy", "f1_macro", "precision_macro", "recall_macro")})
+        for key in ("precision", "recall", "f1"):
+            results[key] = {label: float(v) for label, v in zip(self.labels, values[key])}
+        results["support"] = {label: int(s) for label, s in zip(self.labels, confusion.sum(1))}
+        results["labels"] = list(self.labels)
+        results["confusion_matrix"] = confusion.tolist()
+        results["examples"] = int(confusion.sum())
+        return results
 
     def on_validation_epoch_end(self) -> None:
+        self.validation_results = results = self.validation_metrics()
         self.log_dict(
-            {"val/loss": self.val_loss.compute(), "val/acc": self.val_acc.compute(), "val/f1": self.val_f1.compute()},
+            {"val/loss": results["loss"], "val/acc": results["accuracy"], "val/f1": results["f1_macro"]},
             prog_bar=True,
             sync_dist=False,  # torchmetrics already reduced across ranks
         )
-        confusion = self.val_confusion.compute()
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            confusion = torch.tensor(results["confusion_matrix"])
             for logger in self.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     log_confusion(logger, "val/confusion", confusion, self.labels, self.global_step)
-        for metric in (self.val_loss, self.val_acc, self.val_f1, self.val_confusion):
-            metric.reset()
-
-
-# ------------------------------------------------------------------------------------------- confusion matrix
-
-
-def confusion_image(matrix: torch.Tensor, max_size: int = 512) -> torch.Tensor:
-    """A confusion matrix (rows: true label, columns: predicted) as an RGB image (3, H, W) uint8.
-
-    One square per cell, shaded by the fraction of its row: the diagonal from white to green (right), the
-    rest from white to red (wrong); grey lines between cells. Drawn with numpy alone (no plotting library).
-    """
-    counts = matrix.detach().float().cpu().numpy()
-    n = counts.shape[0]
-    frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)  # (n, n)
-    white, green, red = np.array([255.0, 255, 255]), np.array([0.0, 109, 44]), np.array([165.0, 15, 21])
-    target = np.where(np.eye(n, dtype=bool)[..., None], green, red)  # (n, n, 3)
-    colors = white + frac[..., None] * (target - white)
-    cell = int(max(4, min(32, (max_size - n - 1) // n)))
-    cells = np.repeat(np.repeat(colors, cell, axis=0), cell, axis=1)  # (n*cell, n*cell, 3)
-    size = n * (cell + 1) + 1
-    img = np.full((size, size, 3), 160.0)
-    inner = (np.arange(n * cell) // cell) + 1 + np.arange(n * cell)  # pixel of each cell pixel, past the lines
-    img[np.ix_(inner, inner)] = cells
-    return torch.from_numpy(img.round().astype(np.uint8)).permute(2, 0, 1).contiguous()
-
-
-def confusion_markdown(matrix: torch.Tensor, labels: list[str]) -> str:
-    """The counts as a markdown table (TensorBoard's text tab renders it), rows true, columns predicted."""
-    rows = matrix.detach().cpu().long().tolist()
-    head = "| true \\ predicted | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels) + "\n"
-    return head + "\n".join(f"| {label} | " + " | ".join(map(str, r)) + " |" for label, r in zip(labels, rows))
-
-
-def log_confusion(logger: TensorBoardLogger, tag: str, matrix: torch.Tensor, labels: list[str], step: int) -> None:
-    logger.experiment.add_image(tag, confusion_image(matrix), step)
-    logger.experiment.add_text(tag, confusion_markdown(matrix, labels), step)
+        self.val_loss.reset()
+        self.val_metrics.reset()

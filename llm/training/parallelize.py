@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from llm.core.config import ModelConfig
+from llm.errors import UserError
 
 
 def apply(model: nn.Module, cfg: ModelConfig, strategy: Any | None) -> nn.Module:
@@ -113,7 +114,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: Any) -> None:
     tp = mesh.size()
     cfg = model.cfg
     if cfg.n_heads % tp or cfg.n_kv_heads % tp:
-        raise ValueError(
+        raise UserError(
             f"tensor_parallel_size={tp} must divide model.n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads}"
         )
     plan = {
@@ -161,7 +162,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
         )
         if mixed_precision not in ("auto", "bf16", "none"):
-            raise ValueError(f"trainer.strategy.mixed_precision must be auto, bf16 or none, got {mixed_precision!r}")
+            raise UserError(f"trainer.strategy.mixed_precision must be auto, bf16 or none, got {mixed_precision!r}")
         self.tensor_parallel_size = tensor_parallel_size
         self.activation_checkpointing = activation_checkpointing
         self.mixed_precision = mixed_precision
@@ -170,7 +171,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         world = self.num_processes * self.num_nodes
         if world % self.tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} does not divide the world size {world}")
+            raise UserError(f"tensor_parallel_size={self.tensor_parallel_size} does not divide the world size {world}")
         if self._data_parallel_size == "auto":  # Lightning's "auto" is num_nodes: no sharding inside a node
             self._data_parallel_size = world // self.tensor_parallel_size
         super().setup_environment()

@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from callbacks.norms import Norms, block_of, group_norms
-from llm.core.config import ModelConfig
 from llm.core.model import Transformer
+from tests.conftest import debug_model
 
 LR = 0.5
 
@@ -41,16 +41,7 @@ class TinyLM(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        cfg = ModelConfig(
-            dim=32,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            ffn_dim=64,
-            vocab_size=64,
-            max_seq_len=16,
-            tie_embeddings=True,
-        )
+        cfg = debug_model(dim=32, ffn_dim=64, vocab_size=64, max_seq_len=16, tie_embeddings=True)
         self.model = Transformer(cfg)
         self.grads: dict[int, dict[str, torch.Tensor]] = {}
         self.weights: dict[int, dict[str, torch.Tensor]] = {}

@@ -61,7 +61,9 @@ def test_train_loss_is_read_only_when_the_bar_redraws(tiny_cfg, monkeypatch):
     )
     build_all = train.build_all
     monkeypatch.setattr(
-        train, "build_all", lambda node: [*build_all(node), counter] if node is cfg.callbacks else build_all(node)
+        train,
+        "build_all",
+        lambda node, **kw: [*build_all(node, **kw), counter] if node is cfg.callbacks else build_all(node),
     )
     train.train(cfg)
     assert counter.reads <= 10 // REFRESH  # 10 steps: one read per redraw (Lightning's prog_bar: one per step)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.classify import EMBEDDED_CLASSIFY, ClassifyDataModule
-from datamodules.sft import CORPORA
-from datamodules.sources import DataError
+from datamodules.sources import CORPORA, DataError
 from datamodules.tokenizer import train_tokenizer
 
 ROWS = [
@@ -114,3 +113,19 @@ def test_embedded_set_is_what_the_script_builds():
     with gzip.open(EMBEDDED_CLASSIFY, "rt", encoding="utf-8") as f:
         labels = [json.loads(line)["label"] for line in f]
     assert len(set(labels)) == 6 and len(labels) == 6 * script.CLASSIFY_PER_NOVEL
+
+
+def test_utf16_gzip_file_is_decoded_and_a_binary_one_skipped(tmp_path, tokenizer_path):
+    """Classification rows are read by the corpus reader too: encodings, .gz, files that are not text."""
+    (tmp_path / "in").mkdir()
+    body = "".join(json.dumps(r) + "\n" for r in ROWS)
+    (tmp_path / "in" / "a.jsonl.gz").write_bytes(gzip.compress(body.encode("utf-16")))
+    (tmp_path / "in" / "b.jsonl").write_bytes(b"\x00" * 64)
+    dm = ClassifyDataModule(paths=[str(tmp_path / "in")], tokenizer=str(tokenizer_path), val_fraction=0.2)
+    dm.prepare()
+    reference = make_dm(tmp_path, ROWS, tokenizer=str(tokenizer_path))
+    assert dm.labels == reference.labels and dm.report["rows"] == len(ROWS)
+    assert [ids.tolist() for ids in dm.train_dataset.ids] == [ids.tolist() for ids in reference.train_dataset.ids]
+    assert dm.report["skipped_files"] == [
+        {"path": str(tmp_path / "in" / "b.jsonl"), "reason": "binary file (NUL bytes)"}
+    ]

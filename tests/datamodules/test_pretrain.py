@@ -295,7 +295,8 @@ def test_data_configs_name_every_argument_and_valid_rules(name):
     cfg = OmegaConf.load(CONF_DATA / f"{name}.yaml")
     assert cfg._target_ == "datamodules.pretrain.PretrainDataModule"
     params = set(inspect.signature(PretrainDataModule.__init__).parameters) - {"self"}
-    assert set(cfg) - {"defaults", "_target_"} == params
+    run_keys = {"global_batch_size"}  # read by the run (gradient accumulation), not passed to the DataModule
+    assert set(cfg) - {"defaults", "_target_"} == params | run_keys and not params & run_keys
     assert cfg.cache_dir == ".cache/data" and OmegaConf.to_container(cfg)["seed"] == "${seed}"
     rules = OmegaConf.to_container(cfg.cleaning)
     assert [r["name"] for r in rules] == [r["name"] for r in DEFAULT_RULES]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from datamodules.sft import DEFAULT_CHAT_TEMPLATE, EMBEDDED_SFT, ChatTemplate, SFTDataModule, read_records
-from datamodules.sources import DataError
+from datamodules.sft import DEFAULT_CHAT_TEMPLATE, EMBEDDED_SFT, ChatTemplate, SFTDataModule
+from datamodules.sources import DataError, read_records
 from datamodules.tokenizer import BOS, EOS, train_tokenizer
 
 TEXT = [
@@ -174,3 +176,94 @@ def test_embedded_set(tokenizer_path):
     assert sum(kept) == dm.report["rows"]
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].dtype == torch.long
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: example files go through the corpus reader (datamodules.sources), with its handling and counts
+
+ROWS = [{"instruction": "Say hello.", "response": "Hello there."}, {"messages": CHAT}] * 3
+
+
+def jsonl_bytes(rows: list, encoding: str = "utf-8") -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(encoding)
+
+
+def prepared(tokenizer_path: Path, train: Path, val: Path | None = None) -> SFTDataModule:
+    val_paths = None if val is None else [str(val)]
+    dm = SFTDataModule(paths=[str(train)], val_paths=val_paths, tokenizer=str(tokenizer_path), seq_len=256)
+    dm.prepare()
+    return dm
+
+
+def train_ids(dm: SFTDataModule) -> list[list[int]]:
+    return [e.ids.tolist() for e in dm.train_dataset.examples]
+
+
+def test_utf8_bom_file_is_read_and_counted(tmp_path, tokenizer_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(jsonl_bytes(ROWS))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(codecs.BOM_UTF8 + jsonl_bytes(ROWS).replace(b"Hello there.", b"Hello \xff there.", 1))
+    val = tmp_path / "val.jsonl"
+    val.write_bytes(jsonl_bytes(ROWS[:1]))
+    dm = prepared(tokenizer_path, bom, val)
+    assert dm.report["rows"] == len(ROWS) + 1 and dm.report["train"]["examples"] == len(ROWS)
+    assert dm.report["sources"] == {
+        "files": 2,
+        "bytes": bom.stat().st_size + val.stat().st_size,  # the BOM's 3 bytes included, as the corpus counts
+        "empty_files": 0,
+        "skipped_files": 0,
+    }
+    assert dm.report["invalid_utf8_replacements"] == 1  # the \xff, replaced by U+FFFD and counted
+    reference = prepared(tokenizer_path, plain, val)
+    assert train_ids(dm)[1:] == train_ids(reference)[1:]  # the BOM is not part of the first row
+
+
+def test_utf16_file_is_decoded(tmp_path, tokenizer_path):
+    utf8, utf16 = tmp_path / "utf8.jsonl", tmp_path / "utf16.jsonl"
+    utf8.write_bytes(jsonl_bytes(ROWS))
+    utf16.write_bytes(jsonl_bytes(ROWS, "utf-16"))  # with its byte-order mark
+    val = tmp_path / "val.jsonl"
+    val.write_bytes(jsonl_bytes(ROWS[:1], "utf-16-le"))  # no BOM: NUL bytes, so not UTF-8 text
+    assert train_ids(prepared(tokenizer_path, utf16)) == train_ids(prepared(tokenizer_path, utf8))
+    with pytest.raises(DataError) as err:
+        prepared(tokenizer_path, utf16, val)
+    assert str(err.value) == (
+        f"data.val_paths: no sft examples in {[str(val)]} (1 skipped, e.g. {val}: binary file (NUL bytes))"
+    )
+
+
+def test_gzip_file_is_read_and_a_truncated_one_named(tmp_path, tokenizer_path):
+    plain, packed = tmp_path / "plain.jsonl", tmp_path / "rows.jsonl.gz"
+    plain.write_bytes(jsonl_bytes(ROWS))
+    packed.write_bytes(gzip.compress(codecs.BOM_UTF16_LE + jsonl_bytes(ROWS, "utf-16-le")))
+    dm = prepared(tokenizer_path, packed)
+    assert train_ids(dm) == train_ids(prepared(tokenizer_path, plain))
+    assert dm.report["sources"]["bytes"] == 2 + len(jsonl_bytes(ROWS, "utf-16-le"))  # decompressed bytes
+    cut = tmp_path / "cut.jsonl.gz"
+    full = gzip.compress(jsonl_bytes(ROWS * 50))
+    cut.write_bytes(full[: len(full) // 2])
+    with pytest.raises(DataError) as err:
+        prepared(tokenizer_path, cut)
+    assert str(err.value) == f"{cut}: cannot be read (truncated: the compressed stream ends early)"
+
+
+def test_binary_file_is_skipped_and_counted(tmp_path, tokenizer_path):
+    (tmp_path / "in").mkdir()
+    good, image = tmp_path / "in" / "a.jsonl", tmp_path / "in" / "b.jsonl"
+    good.write_bytes(jsonl_bytes(ROWS))
+    image.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (tmp_path / "in" / "notes.txt").write_text("not an example")
+    dm = prepared(tokenizer_path, tmp_path / "in")
+    assert dm.report["files"] == [str(good), str(image)] and dm.report["rows"] == len(ROWS)
+    assert dm.report["skipped_files"] == [
+        {"path": str(tmp_path / "in" / "notes.txt"), "reason": "unsupported file type"},
+        {"path": str(image), "reason": "binary file (NUL bytes)"},
+    ]
+    assert dm.report["sources"]["files"] == 1 and dm.report["sources"]["skipped_files"] == 2
+    with pytest.raises(DataError) as err:
+        prepared(tokenizer_path, image)
+    assert (
+        str(err.value)
+        == f"data.paths: no sft examples in {[str(image)]} (1 skipped, e.g. {image}: binary file (NUL bytes))"
+    )

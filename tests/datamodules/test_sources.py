@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules import sources
+from datamodules import jsonstream, sources
 from datamodules.sources import (
     EMBEDDED_CORPUS,
     DataError,
@@ -18,6 +18,7 @@ from datamodules.sources import (
     find_files,
     read_documents,
     read_file,
+    read_records,
     sniff,
 )
 
@@ -262,7 +263,7 @@ def test_reading_streams(tmp_path):
 
 
 def test_json_list_is_streamed_in_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "JSON_CHUNK_CHARS", 7)  # elements, numbers and strings cut across chunks
+    monkeypatch.setattr(jsonstream, "JSON_CHUNK_CHARS", 7)  # elements, numbers and strings cut across chunks
     records = [{"text": "a" * 30}, {"text": "b", "n": 123456789}, "plain string", {"text": "中文 \\u00e9"}]
     p = write(tmp_path / "a.json", " [\n" + ",\n".join(json.dumps(r) for r in records) + "\n] \n")
     assert docs_of([p]) == ["a" * 30, "b", "plain string", "中文 \\u00e9"]
@@ -291,3 +292,45 @@ def test_sniff():
     assert sniff(codecs.BOM_UTF16_LE + "hi".encode("utf-16-le")) == ("utf-16", None)
     assert sniff("中文".encode()[:-1]) == ("utf-8-sig", None)  # a character cut by the sniff window is fine
     assert sniff(b"a\x00b")[1] == "binary file (NUL bytes)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# records: the rows of example sets, read as documents are
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("bom.jsonl", codecs.BOM_UTF8 + b'{"text": "a\xffb", "n": [1, "\\ud800"]}\n\n{"text": "c"}\n'),
+        ("utf16.jsonl", '{"text": "a\ufffdb", "n": [1, "\ufffd"]}\n\n{"text": "c"}\n'.encode("utf-16")),
+        ("list.json.gz", gzip.compress(b'[{"text": "a\xffb", "n": [1, "\\ud800"]}, {"text": "c"}]')),
+    ],
+)
+def test_records_are_read_and_counted_as_documents_are(tmp_path, name, raw):
+    path = write(tmp_path / name, raw)
+    docs_stats, rows_stats = SourceStats(), SourceStats()
+    docs = list(read_file(path, "text", stats=docs_stats))
+    rows = list(read_records([path], rows_stats))
+    assert docs == ["a\ufffdb", "c"] and [r["text"] for _, r in rows] == docs
+    assert rows[0][1]["n"] == [1, "\ufffd"]  # a lone surrogate anywhere in the row is replaced, and counted
+    lines = [f"{path}:1", f"{path}:3"] if "jsonl" in name else [f"{path}[0]", f"{path}[1]"]
+    assert [where for where, _ in rows] == lines
+    docs_stats.invalid_utf8_replacements += 1 if "utf16" not in name else 0  # the surrogate outside "text"
+    assert rows_stats == docs_stats
+
+
+def test_records_skip_binary_count_empty_and_name_errors(tmp_path):
+    binary = write(tmp_path / "a.jsonl", b"\x00\x01\x02" * 10)
+    empty = write(tmp_path / "b.jsonl", "\n")
+    stats = SourceStats()
+    assert list(read_records([binary, empty], stats)) == []
+    assert stats.skipped_files == [{"path": str(binary), "reason": "binary file (NUL bytes)"}]
+    assert stats.empty_files == 1 and stats.files == 1
+    assert sources.unread(stats) == ["1 empty file", f"1 skipped, e.g. {binary}: binary file (NUL bytes)"]
+    with pytest.raises(DataError, match=r"c\.jsonl:2: expected a JSON object, got list"):
+        list(read_records([write(tmp_path / "c.jsonl", '{"a": 1}\n[1]\n')]))
+    with pytest.raises(DataError, match=r"d\.txt is not JSON Lines or JSON"):
+        list(read_records([write(tmp_path / "d.txt", "text")]))
+    cut = gzip.compress(b'{"a": 1}\n' * 1000)
+    with pytest.raises(DataError, match=r"e\.jsonl\.gz: cannot be read \(truncated"):
+        list(read_records([write(tmp_path / "e.jsonl.gz", cut[: len(cut) // 2])]))

@@ -17,6 +17,7 @@ from datamodules.tokenizer import train_tokenizer
 from llm import convert
 from llm.core.config import ModelConfig
 from llm.core.model import Transformer
+from tests.conftest import debug_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,7 +28,7 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-BASE = dict(dim=64, n_layers=2, n_heads=4, ffn_dim=160, vocab_size=320, max_seq_len=64)
+BASE = dict(debug_model(n_kv_heads=None, ffn_dim=160, vocab_size=320).to_dict())  # MHA unless a case says
 CASES = {
     "untied-mha": dict(),
     "tied-gqa": dict(n_kv_heads=2, tie_embeddings=True),
@@ -246,13 +247,14 @@ def test_round_trip_hf_ours_hf_is_bitwise(tmp_path, tokenizer, tied):
 
 
 def test_from_hf_checkpoint_is_accepted_by_init_from(tmp_path, tokenizer, tiny_cfg):
-    from llm.app import experiments as tasks
+    from llm.app.spec import resolve
 
     hf = hf_random_dir(tmp_path / "hf", tokenizer, tie_word_embeddings=True, num_key_value_heads=1)
     convert.from_hf(tmp_path / "hf", tmp_path / "a.ckpt")
     cfg = tiny_cfg(f"init_from={tmp_path / 'a.ckpt'}")
-    init = tasks.load_init(cfg)
-    assert (cfg.model.dim, cfg.model.n_kv_heads, cfg.model.vocab_size) == (64, 1, 320)  # the checkpoint's shape
+    spec = resolve(cfg)
+    init = spec.init
+    assert (spec.model.dim, spec.model.n_kv_heads, spec.model.vocab_size) == (64, 1, 320)  # the checkpoint's shape
     assert init.tokenizer_json == (tmp_path / "hf" / "tokenizer.json").read_text()
     assert init.extras["special_tokens"]["eos"] == 1
     hf_state = hf.state_dict()

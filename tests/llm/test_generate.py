@@ -8,11 +8,11 @@ import torch
 
 from datamodules.tokenizer import train_tokenizer
 from llm import convert, generate
-from llm.core.config import ModelConfig
 from llm.core.model import Transformer
 from llm.core.sampling import generate as run_generate
 from llm.core.sampling import sample
 from llm.generate import load_for_inference
+from tests.conftest import debug_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ PROMPTS = [[0, 17, 42, 99, 5, 230, 7], [0, 3], [0, 250, 11, 12, 13], [0, 8, 9, 1
 
 
 def our_model(seed: int = 0, **overrides) -> Transformer:
-    cfg = ModelConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=256), **overrides})
+    cfg = debug_model(**{"ffn_dim": 160, "max_seq_len": 128, **overrides})
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     with torch.no_grad():  # larger weights than the init: peakier distributions, far from argmax ties

@@ -11,6 +11,7 @@ import torch
 from llm.convert import from_hf_name
 from llm.core.config import ModelConfig
 from llm.core.model import Transformer, rope_inv_freq
+from tests.conftest import debug_model
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
@@ -76,8 +77,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("shape", [(1, 17), (3, 32)], ids=["odd-T", "batch"])
 def test_logits_match_hf(case, shape):
-    fields = dict(dim=64, n_layers=2, n_heads=4, ffn_dim=176, vocab_size=160, max_seq_len=64)
-    cfg = ModelConfig(**{**fields, **CASES[case]})
+    # multi-head attention unless the case asks for grouped queries; an odd ffn_dim and vocabulary
+    cfg = debug_model(**{"n_kv_heads": None, "ffn_dim": 176, "vocab_size": 160, **CASES[case]})
     hf = hf_model(cfg)
     ours = load_from_hf(cfg, hf)
     tokens = torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(2))

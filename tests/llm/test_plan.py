@@ -80,8 +80,10 @@ if __name__ == "__main__":  # the measuring subprocess
 import pytest  # noqa: E402
 
 from llm import plan as planner  # noqa: E402
+from llm.app import schema  # noqa: E402
+from llm.app.spec import memory_plan, resolve  # noqa: E402
 from llm.core.config import ModelConfig  # noqa: E402
-from llm.core.memory import PRECISIONS, Plan, block_activation_bytes  # noqa: E402
+from llm.core.memory import PRECISIONS, Plan, block_activation_bytes, check  # noqa: E402
 from llm.core.model import Transformer  # noqa: E402
 from llm.errors import UserError  # noqa: E402
 
@@ -89,7 +91,7 @@ FIXED = ["trainer.accelerator=cpu", "trainer.precision=32-true", "plan.device_me
 
 
 def plan_of(*overrides: str) -> Plan:
-    return planner.plan_from_config(planner.compose([*FIXED, *overrides]))
+    return memory_plan(resolve(schema.compose([*FIXED, *overrides])))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -134,12 +136,12 @@ def test_strategies():
     assert "DDP over 4 devices" in ddp.report()
 
     # a strategy node, as the planned trainer=fsdp may write it (FSDP2 via Lightning's ModelParallelStrategy)
-    cfg = planner.compose([*FIXED, "model=7b", "trainer.devices=8"])
-    cfg.trainer.strategy = {
+    cfg = schema.compose([*FIXED, "model=7b", "trainer.devices=8"])
+    cfg.trainer.strategy = {  # a strategy node that is not ours: read by its _target_ and keys
         "_target_": "lightning.pytorch.strategies.ModelParallelStrategy",
         "activation_checkpointing": True,
     }
-    p = planner.plan_from_config(cfg)
+    p = memory_plan(resolve(cfg))
     assert p.sharded and p.activation_checkpointing and p.world_size == 8
 
 
@@ -156,19 +158,19 @@ def test_precisions_and_auto():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="plans for a GPU that is absent")
 def test_plan_for_an_absent_gpu():
-    p = planner.plan_from_config(planner.compose(["trainer=gpu", "model=7b", "plan.device_memory_gb=80"]))
+    p = memory_plan(resolve(schema.compose(["trainer=gpu", "model=7b", "plan.device_memory_gb=80"])))
     assert p.accelerator == "cuda" and p.device_memory == 80 * 10**9 and p.precision.endswith("-mixed")
     assert p.step_temporaries == p.optimizer // 2  # foreach AdamW, CUDA's default: one moment-sized copy
     with pytest.raises(UserError, match="no GPU is visible"):
-        planner.plan_from_config(planner.compose(["trainer=gpu"]))
+        memory_plan(resolve(schema.compose(["trainer=gpu"])))
 
 
 def test_fits_and_check():
     p = plan_of("model=7b", "plan.device_memory_gb=8")
     assert not p.fits and "does NOT fit" in p.report()
     with pytest.raises(UserError, match="short by .* GB.*plan.check=false"):
-        planner.check(p)
-    planner.check(plan_of("model=tiny"))
+        check(p)
+    check(plan_of("model=tiny"))
 
 
 @pytest.mark.parametrize(

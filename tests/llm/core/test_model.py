@@ -7,11 +7,11 @@ import torch
 
 from llm.core.config import ModelConfig
 from llm.core.model import KVCache, Transformer
+from tests.conftest import debug_model
 
 
 def debug_config(**overrides) -> ModelConfig:
-    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=128, max_seq_len=64)
-    return ModelConfig(**{**fields, **overrides})
+    return debug_model(**{"ffn_dim": 96, "vocab_size": 128, **overrides})
 
 
 def build(seed: int = 0, **overrides) -> Transformer:

@@ -1,4 +1,4 @@
-"""The LightningModules: pooling of the classifier, what a checkpoint carries, optimizer groups, confusion image."""
+"""The LightningModules: pooling of the classifier, what a checkpoint carries, optimizer groups, validation metrics."""
 
 from __future__ import annotations
 
@@ -7,16 +7,9 @@ import functools
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from llm.core.config import ModelConfig
-from llm.training.module import (
-    CausalLM,
-    SequenceClassifier,
-    confusion_image,
-    confusion_markdown,
-    log_confusion,
-)
+from llm.training.module import CausalLM, SequenceClassifier
 from llm.training.optim import param_groups
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64, max_seq_len=32)
@@ -132,23 +125,47 @@ def test_gradients_are_clipped_with_the_default_fused_adamw(tmp_path, precision,
     assert len(norms.norms) == 3 and all(n <= 1e-3 * 1.01 for n in norms.norms), norms.norms
 
 
-def test_confusion_image(tmp_path):
-    matrix = torch.tensor([[3, 1, 0], [0, 0, 0], [2, 0, 2]])
-    img = confusion_image(matrix)
-    assert img.dtype == torch.uint8 and img.shape[0] == 3 and img.shape[1] == img.shape[2]
-    cell = (img.shape[1] - 4) // 3
+def validate(module: L.LightningModule, batches: list[dict], tmp_path) -> dict[str, float]:
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    return trainer.validate(module, dataloaders=torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)[0]
 
-    def color(i, j):  # the centre of cell (row i, column j)
-        y, x = 1 + i * (cell + 1) + cell // 2, 1 + j * (cell + 1) + cell // 2
-        return img[:, y, x].tolist()
 
-    assert color(1, 1) == [255, 255, 255]  # an empty row stays white
-    assert color(0, 2) == [255, 255, 255]
-    g, r = color(0, 0), color(2, 0)  # 3/4 right (green), 2/4 wrong (red)
-    assert g[1] > g[0] and g[1] > g[2] and r[0] > r[1] and r[0] > r[2]
-    assert img[:, 0, :].float().mean() == 160  # grid line
-    table = confusion_markdown(matrix, LABELS)
-    assert "| zzz | 2 | 0 | 2 |" in table
-    logger = TensorBoardLogger(tmp_path, name="tb", version="")
-    log_confusion(logger, "val/confusion", matrix, LABELS, 0)
-    logger.finalize("success")
+def test_causal_lm_logs_what_its_validation_results_hold(tmp_path):
+    """val/loss, val/ppl, val/acc (what TensorBoard gets) are the validation_results that eval.json reads."""
+    torch.manual_seed(0)
+    module = CausalLM(CFG.to_dict())
+    labels = torch.randint(0, 64, (2, 16))
+    labels[1, 10:] = -100
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16)), "labels": labels}] * 2
+    logged = validate(module, batches, tmp_path)
+    results = module.validation_results
+    assert set(logged) == {"val/loss", "val/ppl", "val/acc"} and results["tokens"] == 2 * (16 + 10)
+    assert logged["val/loss"] == pytest.approx(results["loss"], rel=1e-6)
+    assert logged["val/ppl"] == pytest.approx(results["perplexity"], rel=1e-5)
+    assert logged["val/acc"] == pytest.approx(results["accuracy"])
+    with torch.no_grad():
+        by_hand = module.loss(module(batches[0]["input_ids"]), labels)
+    assert results["loss"] == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_classifier_logs_what_its_validation_results_hold(tmp_path):
+    module = classifier()
+    batches = [
+        {"input_ids": torch.randint(3, 64, (4, 8)), "lengths": torch.tensor([8, 5, 3, 1]), "labels": torch.tensor(y)}
+        for y in ([0, 1, 2, 1], [2, 2, 0, 1])
+    ]
+    logged = validate(module, batches, tmp_path)
+    results = module.validation_results
+    assert set(logged) == {"val/loss", "val/acc", "val/f1"}
+    assert logged["val/loss"] == pytest.approx(results["loss"], rel=1e-6)
+    assert logged["val/acc"] == pytest.approx(results["accuracy"])
+    assert logged["val/f1"] == pytest.approx(results["f1_macro"])
+    assert results["examples"] == 8 and results["support"] == {"neg": 2, "pos": 3, "zzz": 3}
+    assert sum(map(sum, results["confusion_matrix"])) == 8 and results["labels"] == LABELS

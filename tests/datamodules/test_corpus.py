@@ -1,10 +1,10 @@
-"""Packing: BOS and EOS per document, dtype, split by document, and the content-keyed cache."""
+"""The prepared corpus: BOS and EOS per document, split by document, the report, the content-keyed cache, shards
+through the pipeline, worker processes, crashes and bad input."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import packing
+from datamodules import encoding, shards
+from datamodules.corpus import CorpusSettings, cache_key, prepare_corpus, split_documents
 from datamodules.dataset import TokenWindows
-from datamodules.packing import CorpusSettings, TokenShards, prepare_corpus, split_documents, token_dtype
 from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
 from datamodules.tokenizer import train_tokenizer
 
@@ -49,13 +49,6 @@ def segments(tokens: np.ndarray, eos: int) -> list[list[int]]:
             cur.append(t)
     assert cur == [], "the stream ends with EOS"
     return out
-
-
-def test_token_dtype():
-    assert token_dtype(4096) == np.uint16
-    assert token_dtype(65535) == np.uint16
-    assert token_dtype(65536) == np.uint16  # ids 0..65535 fit
-    assert token_dtype(65537) == np.uint32
 
 
 def test_split_documents_seeded():
@@ -218,14 +211,10 @@ def test_corpus_emptied_by_cleaning_error(tmp_path):
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # nothing half-built left behind
 
 
-# ---------------------------------------------------------------------------------------------------------
-# shards, worker processes, crashes
-
-
 def test_shards_and_index_read_as_one_stream(tmp_path, paragraphs, monkeypatch):
     src = write_jsonl(tmp_path / "docs.jsonl", paragraphs)
     whole = prepare_corpus(settings(src), tmp_path / "one")
-    monkeypatch.setattr(packing, "SHARD_TOKENS", 1000)
+    monkeypatch.setattr(shards, "SHARD_TOKENS", 1000)
     sharded = prepare_corpus(settings(src), tmp_path / "many")
     assert sharded.report["cache"]["key"] == whole.report["cache"]["key"]  # the layout is not the content
     train = sharded.tokens("train")
@@ -245,38 +234,15 @@ def test_shards_and_index_read_as_one_stream(tmp_path, paragraphs, monkeypatch):
         assert torch.equal(windows[i]["input_ids"], flat[i]["input_ids"])
 
 
-def test_token_shards_pickle_without_their_maps(tmp_path):
-    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    np.arange(5, dtype=np.uint16).tofile(a)
-    np.arange(5, 8, dtype=np.uint16).tofile(b)
-    shards = TokenShards([(a, 5), (b, 3), (tmp_path / "empty.bin", 0)], "uint16")
-    assert shards[3:7].tolist() == [3, 4, 5, 6] and len(shards) == 8 and shards[:0].tolist() == []
-    clone = pickle.loads(pickle.dumps(shards))
-    assert clone._maps == [None, None, None] and np.asarray(clone).tolist() == list(range(8))
-    with pytest.raises(IndexError):
-        shards[8]
-
-
 def test_worker_processes_give_the_same_output(tmp_path, paragraphs, monkeypatch):
     src = write_jsonl(tmp_path / "docs.jsonl", paragraphs)
     one = prepare_corpus(settings(src, num_proc=1), tmp_path / "one")
-    monkeypatch.setattr(packing, "TASK_BYTES", 10_000)  # several tasks per worker
+    monkeypatch.setattr(encoding, "TASK_BYTES", 10_000)  # several tasks per worker
     two = prepare_corpus(settings(src, num_proc=2), tmp_path / "two")
     assert two.report["packing"]["encode_processes"] == 2 and one.report["packing"]["encode_processes"] == 1
     assert two.report["cache"]["key"] == one.report["cache"]["key"]  # num_proc changes the speed, not the output
     for split in ("train", "val"):
         assert np.array_equal(np.asarray(two.tokens(split)), np.asarray(one.tokens(split)))
-
-
-def test_encode_processes(monkeypatch):
-    monkeypatch.setattr(packing, "available_cpus", lambda: 8)
-    assert packing.encode_processes(3, 10) == 3  # the user's choice wins
-    assert packing.encode_processes(None, packing.POOL_MIN_BYTES - 1) == 1  # small corpus: in-process
-    assert packing.encode_processes(None, 1 << 40) == 8
-    monkeypatch.setattr(packing, "available_cpus", lambda: 2)
-    assert packing.encode_processes(None, 1 << 40) == 1  # 2 cores: encode_batch's threads measured no slower
-    with pytest.raises(DataError, match=r"data\.num_proc=0 must be at least 1"):
-        packing.encode_processes(0, 10)
 
 
 def test_crash_mid_build_leaves_nothing_trusted(tmp_path, paragraphs, monkeypatch):
@@ -290,15 +256,15 @@ def test_crash_mid_build_leaves_nothing_trusted(tmp_path, paragraphs, monkeypatc
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C while encoding
         return real(*args, **kwargs)
 
-    real = packing.encode_documents
-    monkeypatch.setattr(packing, "ENCODE_BATCH_BYTES", 5_000)
-    monkeypatch.setattr(packing, "encode_documents", crash)
+    real = encoding.encode_documents
+    monkeypatch.setattr(encoding, "ENCODE_BATCH_BYTES", 5_000)
+    monkeypatch.setattr(encoding, "encode_documents", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(settings(src), cache)
     assert [p.name for p in cache.iterdir()] == [".lock"]  # no entry, no temporary directory
     # a build killed outright (no clean-up) leaves its temporary directory: never trusted, removed by the next
-    monkeypatch.setattr(packing, "encode_documents", real)
-    key = packing.cache_key([src], settings(src))
+    monkeypatch.setattr(encoding, "encode_documents", real)
+    key = cache_key([src], settings(src))
     (cache / f"{key}.tmp-killed").mkdir()
     (cache / f"{key}.tmp-killed" / "meta.json").write_text('{"complete": true}')
     corpus = prepare_corpus(settings(src), cache)
@@ -341,7 +307,7 @@ def test_unguarded_script_with_workers_falls_back_instead_of_hanging(tmp_path, p
     src = write_jsonl(tmp_path / "docs.jsonl", paragraphs[:100])
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "from datamodules.packing import CorpusSettings, prepare_corpus\n"
+        "from datamodules.corpus import CorpusSettings, prepare_corpus\n"
         f"s = CorpusSettings(paths=[{str(src)!r}], vocab_size=400, cleaning=[{{'name': 'whitespace'}}], num_proc=2)\n"
         f"c = prepare_corpus(s, {str(tmp_path / 'cache')!r})\n"
         "print('processes', c.report['packing']['encode_processes'], 'tokens', c.n_train + c.n_val)\n"

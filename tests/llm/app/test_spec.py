@@ -1,18 +1,16 @@
-"""Values train.py derives from the config before building anything: gradient accumulation."""
+"""Values the run derives from the config before building anything (llm/app/spec.py): gradient accumulation."""
 
 from __future__ import annotations
 
 import pytest
 
-from llm.app.builders import resolve_accumulation
+from llm.app.spec import resolve
 from llm.errors import UserError
 from tests.conftest import compose_config
 
 
 def accumulation(*overrides: str) -> int:
-    cfg = compose_config(["trainer.accelerator=cpu", *overrides])
-    resolve_accumulation(cfg)
-    return cfg.trainer.accumulate_grad_batches
+    return resolve(compose_config(["trainer.accelerator=cpu", *overrides])).accumulation
 
 
 def test_global_batch_sets_accumulation_over_data_parallel_replicas():

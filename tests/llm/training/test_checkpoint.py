@@ -7,7 +7,8 @@ import errno
 import pytest
 import torch
 
-from callbacks.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from llm.training.checkpoint import AtomicCheckpointIO, CheckpointWriteError
+from tests.conftest import debug_model
 
 
 def test_writes_complete_file_and_leaves_no_temporary(tmp_path):
@@ -34,3 +35,25 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, code, wor
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def _resumable(path, model: dict) -> str:
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": model}, "loops": {}}, path)
+    return str(path)
+
+
+def test_same_model_means_same_shapes_only(tmp_path):
+    """Dropout, compilation and context length may change on resume; a shape key may not."""
+    from llm.errors import UserError
+    from llm.training.checkpoint import check_resume
+
+    saved = debug_model()
+    path = _resumable(tmp_path / "last.ckpt", saved.to_dict())
+    check_resume(path, debug_model(compile=True, dropout=0.1))
+    check_resume(path, debug_model(max_seq_len=4096))
+    with pytest.raises(UserError, match=r"another model \(n_layers: checkpoint 2 vs config 3\)"):
+        check_resume(path, debug_model(n_layers=3))
+    weights_only = tmp_path / "weights.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": saved.to_dict()}}, weights_only)
+    with pytest.raises(UserError, match="holds weights only"):
+        check_resume(str(weights_only), saved)

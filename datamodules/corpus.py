@@ -1,0 +1,437 @@
+"""The prepared corpus: cleaned, tokenized and packed into token shards once, then cached by content.
+
+One call of :func:`prepare_corpus` runs the pipeline, each step handing its output to the next:
+
+1. sources -> cleaning: read and clean every document, spooling the kept ones to disk (memory stays bounded);
+2. split the documents into train and val with a seeded permutation (by document, never inside one);
+3. tokenizer: train it on the train documents (or load the configured one);
+4. encode -> shards: every document as ``BOS document EOS`` (:mod:`datamodules.encoding`), appended to its
+   split's shards (:mod:`datamodules.shards`).
+
+The result lives in ``cache_dir/<key>/``: ``tokenizer.json``, the shards, ``report.json`` and ``meta.json``
+(the index: dtype, and every shard's file and token count in order). The key hashes the *content* of every
+input file and every setting that changes the output, so an edited file or rule rebuilds and anything else is
+a cache hit. The directory is built under a temporary name and renamed into place once complete, and
+``meta.json`` (with ``"complete": true``) is written last: a build that crashes, or is killed, never leaves a
+directory that a later run trusts; a later build removes its leftovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from datamodules import sources
+from datamodules.cleaning import Cleaner, normalize_rules
+from datamodules.encoding import encode_processes, encode_spool
+from datamodules.shards import ShardIndex, ShardWriter, TokenShards, shards_intact, token_dtype
+from datamodules.sources import DataError, SourceStats, file_format, find_files, read_documents, unread
+from datamodules.spool import Spool
+from datamodules.tokenizer import load_tokenizer, special_ids, tokenizer_file, train_tokenizer
+
+# Bump when the cache layout or anything in the pipeline changes what a given input produces.
+PIPELINE_VERSION = 3  # 2: BOS before every document; 3: sharded arrays, binary files skipped
+SPLITS = ("train", "val")
+
+
+@dataclass
+class CorpusSettings:
+    """Everything that decides what :func:`prepare_corpus` produces (besides the input files' bytes), plus
+    ``num_proc``, which decides only how fast."""
+
+    paths: Sequence[str]
+    text_field: str = "text"
+    split_paragraphs: bool = False
+    cleaning: list[dict[str, Any]] | None = None  # None: cleaning.DEFAULT_RULES
+    tokenizer: str | None = None  # a tokenizer.json (or a directory holding one) to load; None: train one
+    vocab_size: int = 4096
+    tokenizer_sample_bytes: int | None = None
+    val_fraction: float = 0.05
+    seed: int = 1234
+    num_proc: int | None = None  # encoding processes; None: automatic (see encoding.encode_processes)
+    cleaning_rules: list[dict[str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.paths = [str(p) for p in self.paths]
+        self.cleaning_rules = normalize_rules(self.cleaning)
+
+
+@dataclass
+class PackedCorpus:
+    """A prepared corpus: its tokenizer, where its token shards are, and the report."""
+
+    dir: Path
+    tokenizer: Tokenizer
+    dtype: np.dtype
+    n_train: int
+    n_val: int
+    report: dict[str, Any]
+    index: dict[str, ShardIndex]  # split -> [{"file", "tokens"}, ...] in order
+
+    def shards(self, split: str) -> list[tuple[Path, int]]:
+        """``(path, tokens)`` of every shard of ``"train"`` or ``"val"``, in order."""
+        return [(self.dir / s["file"], int(s["tokens"])) for s in self.index[split]]
+
+    def tokens(self, split: str) -> TokenShards:
+        """The token ids of ``"train"`` or ``"val"``: read-only, memory-mapped."""
+        return TokenShards(self.shards(split), self.dtype)
+
+
+def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCorpus:
+    """Build the corpus described by ``settings`` under ``cache_dir``, or load it if already built."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # We are being imported as the __main__ of a starting worker process: a script that calls this at top
+        # level without the `if __name__ == "__main__":` guard. Stop now; the parent encodes in-process instead.
+        raise RuntimeError(
+            "prepare_corpus() called while a worker process starts: guard the calling script with "
+            '`if __name__ == "__main__":`'
+        )
+    t0 = time.perf_counter()
+    files, skipped = find_files(settings.paths)
+    if not files:
+        raise DataError(f"data.paths: no readable files in {_summary(settings.paths)}")
+    key = cache_key(files, settings)
+    cache_dir = Path(cache_dir).expanduser()
+    out_dir = cache_dir / key
+    corpus = load(out_dir)
+    if corpus is None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _lock(cache_dir / ".lock"):  # one lock file for the directory, not one left behind per key
+            corpus = load(out_dir)  # another process may have built it while we waited
+            if corpus is None:
+                for stale in cache_dir.glob(f"{key}.tmp-*"):  # left by a killed build: we hold the lock
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir))
+                try:
+                    build(files, skipped, settings, key, tmp)
+                    if out_dir.exists():  # an incomplete or damaged leftover
+                        shutil.rmtree(out_dir)
+                    os.replace(tmp, out_dir)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                corpus = load(out_dir)
+                if corpus is None:
+                    raise RuntimeError(f"data cache {out_dir} was just written but cannot be read back")
+                return corpus  # report as built: hit false, seconds of the build
+    corpus.report["cache"] = {"key": key, "hit": True}
+    corpus.report["seconds"] = round(time.perf_counter() - t0, 3)
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache key
+
+
+def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """BLAKE2b of the file's bytes, read in chunks."""
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(files: Sequence[Path], settings: CorpusSettings) -> str:
+    """Hash of the input files' content (in order, with their format) and of every setting that changes output."""
+    inputs = []
+    for p in files:
+        try:
+            inputs.append({"format": file_format(p), "blake2b": hash_file(p)})
+        except OSError as e:
+            raise DataError(f"{p}: cannot be read ({e.strerror or e})") from None
+    tok: dict[str, Any]
+    if settings.tokenizer is not None:
+        tok = {"file": hash_file(tokenizer_file(settings.tokenizer))}
+    else:
+        tok = {"vocab_size": settings.vocab_size, "sample_bytes": settings.tokenizer_sample_bytes}
+    payload = {
+        "version": PIPELINE_VERSION,
+        "inputs": inputs,
+        "reading": {"sniff_bytes": sources.SNIFF_BYTES, "max_bad_ratio": sources.MAX_BAD_RATIO},
+        "text_field": settings.text_field,
+        "split_paragraphs": settings.split_paragraphs,
+        "cleaning": settings.cleaning_rules,
+        "tokenizer": tok,
+        "tokenizers": tokenizers.__version__,  # training and encoding may change between versions
+        "val_fraction": settings.val_fraction,
+        "seed": settings.seed,
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building: the pipeline
+
+
+def build(files: list[Path], skipped: list[dict], settings: CorpusSettings, key: str, out_dir: Path) -> dict[str, Any]:
+    """Run the pipeline into ``out_dir`` (an empty directory); returns the report."""
+    t0 = time.perf_counter()
+    # 1. sources -> cleaning, spooled to disk
+    stats, cleaner, spool = _read_and_clean(files, skipped, settings, out_dir / "docs.spool")
+    t_clean = time.perf_counter()
+    # 2. split by document
+    is_val = split_documents(cleaner.docs_kept, settings.val_fraction, settings.seed)
+    # 3. tokenizer
+    tok, tok_info = _tokenizer(settings, spool, is_val)
+    dtype = token_dtype(tok_info["vocab_size"])
+    t_tok = time.perf_counter()
+    # 4. encode -> shards
+    index, n_proc = _encode_to_shards(spool, is_val, tok, tok_info, dtype, settings.num_proc, out_dir)
+    spool.path.unlink()
+    t_end = time.perf_counter()
+
+    report = _report(settings, stats, cleaner, is_val, tok_info, dtype, index, n_proc, int(spool.sizes_array().sum()))
+    report["cache"] = {"key": key, "hit": False}
+    report["settings"] = {k: v for k, v in asdict(settings).items() if k != "cleaning"}
+    report["timings"] = {
+        "read_and_clean": round(t_clean - t0, 3),
+        "tokenizer": round(t_tok - t_clean, 3),
+        "encode_and_pack": round(t_end - t_tok, 3),
+    }
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    _write_json(out_dir / "report.json", report)
+    meta = {
+        "key": key,
+        "version": PIPELINE_VERSION,
+        "dtype": dtype.name,
+        **{f"n_{s}": report["tokens"][s] for s in SPLITS},
+    }
+    _write_json(out_dir / "meta.json", {**meta, "shards": index, "complete": True})  # last: marks it usable
+    return report
+
+
+def _read_and_clean(
+    files: list[Path], skipped: list[dict], settings: CorpusSettings, spool_path: Path
+) -> tuple[SourceStats, Cleaner, Spool]:
+    """Sources -> cleaning -> the spool; a corpus with no document left is an error naming why."""
+    stats = SourceStats(skipped_files=list(skipped))
+    cleaner = Cleaner(settings.cleaning_rules)
+    spool = Spool(spool_path)
+    with progress(sum(p.stat().st_size for p in files), "reading and cleaning") as bar:
+
+        def cleaned() -> Iterator[str]:
+            docs = read_documents(files, settings.text_field, settings.split_paragraphs, stats)
+            for i, doc in enumerate(cleaner(docs)):
+                if i % 1024 == 0:
+                    bar.update(stats.disk_bytes - bar.n)
+                yield doc
+
+        spool.write_all(cleaned())
+    if cleaner.docs_read == 0:
+        reasons = unread(stats) or [f"empty files, or data.text_field={settings.text_field!r} empty"]
+        raise DataError(f"data.paths: no documents in {_summary(settings.paths)} ({'; '.join(reasons)})")
+    if cleaner.docs_kept == 0:
+        drops = ", ".join(f"{r.name}: {r.dropped}" for r in cleaner.rules if r.dropped)
+        raise DataError(
+            f"data.cleaning dropped all {cleaner.docs_read} documents of {_summary(settings.paths)} ({drops})"
+        )
+    return stats, cleaner, spool
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the validation documents: ``round(n_docs * val_fraction)`` of them (at least one,
+    and at least one left for training), picked by a permutation seeded with ``seed``."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    if n_docs < 2:
+        raise DataError(
+            f"only {n_docs} document after cleaning: train and val are split by document, so at least 2 are "
+            "needed (set data.split_paragraphs=true to make each paragraph a document)"
+        )
+    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    return is_val
+
+
+def _tokenizer(settings: CorpusSettings, spool: Spool, is_val: np.ndarray) -> tuple[Tokenizer, dict[str, Any]]:
+    """The configured tokenizer, or one trained on the train documents; and what the report says of it."""
+    if settings.tokenizer is not None:
+        tok = load_tokenizer(settings.tokenizer)
+        info: dict[str, Any] = {"trained": False, "source": str(settings.tokenizer)}
+    else:
+        used = [0]
+        docs = _train_docs(spool, is_val, settings.tokenizer_sample_bytes, settings.seed, used)
+        tok = train_tokenizer(docs, settings.vocab_size)
+        info = {
+            "trained": True,
+            "source": "trained on the train documents",
+            "sample_bytes": settings.tokenizer_sample_bytes,
+            "trained_on_bytes": used[0],
+        }
+    bos_id, eos_id, pad_id = special_ids(tok, name=str(settings.tokenizer))
+    return tok, {"vocab_size": tok.get_vocab_size(), **info, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id}
+
+
+def _train_docs(
+    spool: Spool, is_val: np.ndarray, sample_bytes: int | None, seed: int, used: list[int]
+) -> Iterator[str]:
+    """The train documents for tokenizer training; with ``sample_bytes``, a seeded random subset of about that
+    many bytes spread over the whole corpus rather than its first files. Adds the bytes given to ``used[0]``."""
+    sizes = spool.sizes_array()
+    keep_p = 1.0
+    if sample_bytes is not None:
+        total = int(sizes[~is_val].sum())
+        keep_p = min(1.0, sample_bytes / max(total, 1))
+    rng = np.random.default_rng(seed + 1)
+    for i, doc in enumerate(spool.docs()):
+        if is_val[i]:
+            continue
+        if keep_p < 1.0 and rng.random() >= keep_p:
+            continue
+        used[0] += int(sizes[i])
+        yield doc
+
+
+def _encode_to_shards(
+    spool: Spool,
+    is_val: np.ndarray,
+    tok: Tokenizer,
+    tok_info: dict[str, Any],
+    dtype: np.dtype,
+    num_proc: int | None,
+    out_dir: Path,
+) -> tuple[dict[str, ShardIndex], int]:
+    """Encode -> shards: every spooled document into its split's shards; the index, and the processes used."""
+    bos_id, eos_id = tok_info["bos_id"], tok_info["eos_id"]
+    text_bytes = int(spool.sizes_array().sum())
+    n_proc = encode_processes(num_proc, text_bytes)
+    tok_file = out_dir / "tokenizer.json"
+    tok.save(str(tok_file))  # before encoding: worker processes load it
+    writers = {split: ShardWriter(out_dir, split) for split in SPLITS}
+    with progress(text_bytes, "encoding") as bar:
+
+        def write(train: np.ndarray, val: np.ndarray, n_bytes: int) -> None:
+            writers["train"].write(train)
+            writers["val"].write(val)
+            bar.update(n_bytes)
+
+        n_proc = encode_spool(spool, is_val, tok, tok_file, bos_id, eos_id, dtype, n_proc, write)
+    return {split: w.close() for split, w in writers.items()}, n_proc
+
+
+def _report(
+    settings: CorpusSettings,
+    stats: SourceStats,
+    cleaner: Cleaner,
+    is_val: np.ndarray,
+    tok_info: dict[str, Any],
+    dtype: np.dtype,
+    index: dict[str, ShardIndex],
+    n_proc: int,
+    text_bytes: int,
+) -> dict[str, Any]:
+    """The report of a build (the caller adds the cache key, the settings and the timings)."""
+    clean = cleaner.report()
+    return {
+        "sources": {
+            "paths": list(settings.paths),
+            "files": stats.files,
+            "bytes": stats.bytes,
+            "empty_files": stats.empty_files,
+            "skipped_files": len(stats.skipped_files),
+        },
+        "documents": clean["documents"],
+        "characters": clean["characters"],
+        "rules": clean["rules"],
+        "invalid_utf8_replacements": stats.invalid_utf8_replacements,
+        "skipped_files": stats.skipped_files[:100],
+        "split": {
+            "train_documents": int((~is_val).sum()),
+            "val_documents": int(is_val.sum()),
+            "val_fraction": settings.val_fraction,
+            "seed": settings.seed,
+        },
+        "tokens": {split: sum(int(s["tokens"]) for s in shards) for split, shards in index.items()},
+        "tokenizer": tok_info,
+        "packing": {
+            "dtype": dtype.name,
+            "shards": {split: len(s) for split, s in index.items()},
+            "encode_processes": n_proc,
+            "text_bytes": text_bytes,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, locking, progress
+
+
+def load(out_dir: Path) -> PackedCorpus | None:
+    """The cached corpus in ``out_dir``, or None if it is missing, incomplete or damaged."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+        if not meta.get("complete") or meta.get("version") != PIPELINE_VERSION:
+            return None
+        report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+        tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+        dtype = np.dtype(meta["dtype"])
+        index = meta["shards"]
+        if not all(shards_intact(out_dir, index[split], dtype, meta[f"n_{split}"]) for split in SPLITS):
+            return None
+    except Exception:  # unreadable, truncated or from another version: rebuild
+        return None
+    return PackedCorpus(out_dir, tok, dtype, meta["n_train"], meta["n_val"], report, index)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive file lock, so that concurrent processes (DDP ranks) build a cache entry once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename still keeps the cache consistent
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _summary(paths: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def progress(total: int | None, desc: str, unit: str = "B") -> tqdm:
+    """A progress bar on stderr: on a terminal, for steps of more than two seconds; in a log, only for steps of
+    more than a minute, and then at most a line a minute."""
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=True,
+        unit_divisor=1024 if unit == "B" else 1000,
+        delay=2 if tty else 60,
+        mininterval=0.2 if tty else 60,
+        leave=False,
+        file=sys.stderr,
+    )

@@ -1,0 +1,282 @@
+"""The checkpoint: what a file holds, how it is read and written, and when two checkpoints are the same model.
+
+A checkpoint is Lightning's: one ``.ckpt`` file, or under ``trainer=fsdp`` a *directory* (``last.ckpt/``) in
+which every rank wrote its shards (``*.distcp`` and ``.metadata``) beside ``meta.pt``, the trainer state. What
+we add to Lightning's layout, so that a checkpoint alone can be resumed, converted, generated from or finetuned:
+
+    {"state_dict": {"model.<our name>": tensor, "head.<name>": tensor (a classifier)},
+     "hyper_parameters": {"model": ModelConfig.to_dict(), "labels": [...] (a classifier)},
+     "tokenizer": tokenizer.json as a string, "chat_format" / "chat_template" (a finetuned model),
+     "special_tokens" / "hf_tokenizer_config" (a model converted from Hugging Face), "loops" (resumable)}
+
+"Same model" means the same weight shapes (``SHAPE_KEYS``): a resumed run may change dropout, compilation or
+precision, and ``init_from`` takes the shape from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from llm.core.config import ModelConfig
+from llm.errors import LLMError, UserError
+
+PREFIX = "model."  # the LightningModule holds the Transformer as `model`
+HEAD = "head."  # and a classifier its head as `head`
+_COMPILED = "_orig_mod."  # torch.compile's wrapper inserts this into parameter names
+ROLES = ("bos", "eos", "pad")
+# the ModelConfig keys that fix the weights' shapes and meaning; the others (dropout, compile, max_seq_len, init_std)
+# are training settings a run may change
+SHAPE_KEYS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_dim",
+    "vocab_size",
+    "tie_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "norm_eps",
+)
+EXTRAS = ("special_tokens", "hf_tokenizer_config")  # a converted checkpoint's, carried along by training
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded (FSDP) checkpoint directory."""
+    return (Path(path) / "meta.pt").is_file() and (Path(path) / ".metadata").is_file()
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file, memory-mapped (a tensor is read from disk when touched), with a one-line error."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a single .ckpt file (a sharded checkpoint must be consolidated)")
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # truncated zip, not a torch file, a pickle of something else, ...
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"{path}: not a training checkpoint (no state_dict)")
+    return ckpt
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """Everything but the weights' values: a sharded directory's ``meta.pt``, or the (memory-mapped) file."""
+    if is_sharded(path):
+        return torch.load(Path(path) / "meta.pt", map_location="cpu", weights_only=False)
+    return load(path)
+
+
+def model_config_of(ckpt: Mapping[str, Any], path: str | Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(ckpt["hyper_parameters"]["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: no usable model config in hyper_parameters.model ({err})") from err
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for ``cfg`` (a model built on the meta device: no memory, no init)."""
+    from llm.core.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def model_state(ckpt: Mapping[str, Any], cfg: ModelConfig, path: str | Path) -> dict[str, torch.Tensor]:
+    """The Transformer's tensors by our names (module prefix and metric states dropped), checked against ``cfg``.
+
+    With tied embeddings ``output.weight`` may be absent (it is the embedding)."""
+    state = {k[len(PREFIX) :].replace(_COMPILED, ""): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    expected = expected_shapes(cfg)
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set()))
+    if unexpected or missing:
+        raise UserError(
+            f"{path}: weights do not match hyper_parameters.model"
+            f" (missing: {', '.join(missing[:3]) or '-'}; unexpected: {', '.join(unexpected[:3]) or '-'})"
+        )
+    for name, t in state.items():
+        if tuple(t.shape) != expected[name]:
+            raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, the config implies {expected[name]}")
+    return state
+
+
+def head_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A classifier's head tensors (empty for a language model)."""
+    return {k[len(HEAD) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(HEAD)}
+
+
+def labels_of(ckpt: Mapping[str, Any]) -> list[str] | None:
+    """A classifier's labels, None for a language model."""
+    labels = (ckpt.get("hyper_parameters") or {}).get("labels")
+    return None if labels is None else [str(label) for label in labels]
+
+
+def special_ids(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """{"bos", "eos", "pad": id or None, "eos_ids": [ids]} of a checkpoint.
+
+    A converted checkpoint stores them; a training checkpoint has only its tokenizer, whose roles are found as the
+    DataModule finds them (``<|bos|>``/``<s>``/..., BOS and PAD falling back to EOS).
+    """
+    stored = ckpt.get("special_tokens")
+    if stored:
+        ids = {role: stored.get(role) for role in ROLES}
+        ids["eos_ids"] = list(stored.get("eos_ids") or ([] if ids["eos"] is None else [ids["eos"]]))
+        return ids
+    ids: dict[str, Any] = dict.fromkeys(ROLES)
+    if ckpt.get("tokenizer"):
+        from tokenizers import Tokenizer
+
+        from datamodules.tokenizer import special_ids as tokenizer_roles
+
+        try:
+            ids["bos"], ids["eos"], ids["pad"] = tokenizer_roles(Tokenizer.from_str(ckpt["tokenizer"]))
+        except LLMError:  # no end-of-sequence token: leave the roles unset
+            pass
+    ids["eos_ids"] = [] if ids["eos"] is None else [ids["eos"]]
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------- same model
+
+
+def shape_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: saved vs current`` for each shape key on which two model configs (as dicts) disagree."""
+    return [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+        for k in SHAPE_KEYS
+        if _normalised(saved.get(k)) != _normalised(current.get(k))
+    ]
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _normalised(v) for k, v in value.items()}
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
+    """``last`` means <run_dir>/checkpoints/last.ckpt; when there is none yet the run starts fresh."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            print(f"ckpt_path=last: no checkpoint at {last} yet, starting fresh")
+            return None
+        return str(last)
+    if not (Path(ckpt_path).is_file() or is_sharded(ckpt_path)):
+        raise UserError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    return ckpt_path
+
+
+def check_resume(ckpt_path: str | None, model: ModelConfig) -> None:
+    """Refuse, in one line, a checkpoint that cannot resume a run of ``model``: unreadable, or of another model."""
+    if ckpt_path is None:
+        return
+    ckpt = load_meta(ckpt_path)  # memory-mapped: cheap even for large models; UserError if truncated
+    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    if saved is None:
+        raise UserError(f"{ckpt_path}: not a checkpoint of this trainer (no model config inside)")
+    diff = shape_differences(saved, model.to_dict())
+    if diff:
+        raise UserError(f"{ckpt_path}: the checkpoint is of another model ({'; '.join(diff[:4])})")
+    if "loops" not in ckpt:
+        raise UserError(f"{ckpt_path}: holds weights only and cannot resume a run; use init_from= instead")
+
+
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best checkpoint by val/loss, or None (validate the current weights) when there is none.
+
+    After a hard kill the best path restored from last.ckpt can name a file that a later, better checkpoint
+    already replaced (the kill fell between the two writes), so a path that no longer exists is not returned.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss" and cb.best_model_path:
+            if Path(cb.best_model_path).exists():
+                return cb.best_model_path
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+
+
+class CheckpointWriteError(LLMError):
+    """Saving a checkpoint failed (full disk, no permission); the previous checkpoint is untouched."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into ``<name>.tmp-<pid>`` in the target directory, fsync, then ``os.replace``.
+
+    A kill at any moment leaves either the previous ``last.ckpt`` or the new one, never a truncated file
+    under the real name, and a full disk is reported in one line with the old checkpoint still in place.
+    Lightning's own ``_atomic_save`` serialises into an in-memory buffer first (a second copy of the whole
+    state in host memory) and targets fsspec in general; we write straight to the local file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {reason}; the previous one is kept"
+            ) from err
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def remove_checkpoint(self, path: Any) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+def consolidate(ckpt_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """The sharded checkpoint at ``ckpt_dir`` as one in-memory checkpoint (written to ``out`` if given).
+
+    The result has the layout of a single-device checkpoint, without the optimizer and loop state (those are
+    sharded by the world size that wrote them), so ``init_from=``, ``llm.convert`` and ``llm.generate`` accept it.
+    It runs in one process without a process group.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt_dir = Path(ckpt_dir)
+    if not is_sharded(ckpt_dir):
+        raise UserError(f"{ckpt_dir}: not a sharded checkpoint directory (no meta.pt and .metadata)")
+    meta = torch.load(ckpt_dir / "meta.pt", map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "full.pt"
+        dcp_to_torch_save(ckpt_dir, flat)
+        full = torch.load(flat, map_location="cpu", weights_only=False)
+    ckpt = {k: v for k, v in meta.items() if k not in ("loops", "optimizer_states", "lr_schedulers")}
+    ckpt["state_dict"] = full["state_dict"]
+    if out is not None:
+        out = Path(out)
+        tmp_out = out.with_name(out.name + ".tmp")
+        torch.save(ckpt, tmp_out)
+        tmp_out.replace(out)
+    return ckpt
