@@ -53,12 +53,10 @@ def encode_processes(num_proc: int | None, text_bytes: int) -> int:
     """How many worker processes encode ``text_bytes`` of text: 1 means this process, with ``encode_batch``.
 
     ``num_proc`` set by the user wins. ``None`` (auto) starts workers only for a corpus of at least
-    :data:`POOL_MIN_BYTES` on :data:`POOL_MIN_CPUS` cores or more. Measured with ``bench/data.py`` on 2 cores
-    (59 MB of text): ``encode_batch``'s own Rust threads already use both cores, and 2 single-threaded workers
-    took the same wall time for 6% more CPU (starting, loading the tokenizer, shipping ids back), so auto stays
-    in this process there. Workers win once the part of encoding that runs in Python under the GIL (~6% of it:
-    ids to arrays, reading the spool) limits ``encode_batch``'s scaling: by Amdahl's law, from about 6 cores
-    (an estimate: no machine with more than 2 cores was at hand to measure it).
+    :data:`POOL_MIN_BYTES` on :data:`POOL_MIN_CPUS` cores or more. On few cores ``encode_batch``'s own Rust
+    threads already use them all, and workers only add their start-up (loading the tokenizer, shipping ids back);
+    they win once the part of encoding that runs in Python under the GIL (ids to arrays, reading the spool) limits
+    ``encode_batch``'s scaling (``bench/data.py`` measures both; README's performance table has the figures).
     """
     if num_proc is not None:
         if int(num_proc) < 1:

@@ -47,10 +47,7 @@ def resolve_paths(paths: Sequence[str] | None, default: Path, key: str = "paths"
     found but not read (hidden, or not ``.jsonl`` / ``.json``), with the reason."""
     if paths is None:
         return [default], []
-    try:
-        found, skipped = find_files(paths)
-    except DataError as err:
-        raise DataError(str(err).replace("data.paths", f"data.{key}")) from None
+    found, skipped = find_files(paths, key=f"data.{key}")
     files = [f for f in found if file_format(f) in EXAMPLE_FORMATS]
     skipped += [{"path": str(f), "reason": "unsupported file type"} for f in found if f not in files]
     if not files:

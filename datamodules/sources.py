@@ -103,8 +103,10 @@ def file_format(path: str | Path) -> str | None:
     return None
 
 
-def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
+def find_files(paths: Iterable[str | Path], key: str = "data.paths") -> tuple[list[Path], list[dict[str, str]]]:
     """Expand files, directories (recursively) and globs into the readable files, in a stable order.
+
+    ``key`` is the setting the paths came from, named in the errors.
 
     Returns ``(files, skipped)``: unsupported or hidden files found inside directories and globs are
     skipped with a reason; a named file that does not exist or has an unsupported format is an error.
@@ -117,13 +119,13 @@ def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, 
         if file_format(p) is None:
             if named:
                 raise DataError(
-                    f"data.paths: {p} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)"
+                    f"{key}: {p} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)"
                 )
             skipped.append({"path": str(p), "reason": "unsupported file type"})
             return
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
+        resolved = p.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
             files.append(p)
 
     def add_dir(d: Path) -> None:
@@ -143,7 +145,7 @@ def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, 
         if _GLOB_CHARS & set(entry):
             matches = sorted(glob.glob(entry, recursive=True))
             if not matches:
-                raise DataError(f"data.paths: the glob {entry!r} matches no file")
+                raise DataError(f"{key}: the glob {entry!r} matches no file")
             for m in matches:
                 p = Path(m)
                 if p.is_dir():
@@ -157,7 +159,7 @@ def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, 
             elif p.is_file():
                 add(p, named=True)
             else:
-                raise DataError(f"data.paths: {entry} does not exist")
+                raise DataError(f"{key}: {entry} does not exist")
     return files, skipped
 
 

@@ -59,7 +59,16 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    ["model.dmi=64", "trainer.max_stepz=3", "optim.learning_rate=1", "sched.warmup=3", "seeed=3", "model.dim=abc"],
+    [
+        "model.dmi=64",
+        "trainer.max_stepz=3",
+        "optim.learning_rate=1",
+        "sched.warmup=3",
+        "seeed=3",
+        "model.dim=abc",
+        "experiment.max_new_tokns=3",
+        "experiment.label_smoothing=lots",
+    ],
 )
 def test_misspelt_key_fails_at_compose(override):
     with pytest.raises(ConfigCompositionException):

@@ -27,7 +27,7 @@ with the gradients added to the activations when gradient accumulation keeps the
 A test runs real CPU training steps in a subprocess and compares this peak with the measured one.
 
 Not counted: the CUDA context and library workspaces (cuBLAS, NCCL), which live outside PyTorch's allocator;
-allocator fragmentation; one-time runtime buffers (20-50 MB measured on the CPU).
+allocator fragmentation; one-time runtime buffers (tens of MB on the CPU).
 """
 
 from __future__ import annotations

@@ -109,9 +109,8 @@ def fastest_precision(accelerator: str) -> str:
     """The fastest precision that trains correctly on the hardware present (``trainer.precision=auto``).
 
     GPUs with bf16 (Ampere and later) and CPUs with native bf16 get ``bf16-mixed`` (float32 weights and
-    optimizer, bf16 matmuls); everything else ``32-true``. On a CPU with AMX, bf16-mixed measured 1.55-1.6x
-    the tokens/s of float32 at equal loss (bench/train_cpu.py, model=tiny, 1 thread); without native bf16 it is
-    slower.
+    optimizer, bf16 matmuls); everything else ``32-true``: without native bf16 a CPU emulates it and bf16-mixed
+    is slower than float32 (README's performance table: bf16-mixed vs 32-true).
     """
     use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_cuda:

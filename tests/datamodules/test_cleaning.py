@@ -115,8 +115,20 @@ def test_defaults_and_names():
     assert Cleaner(None).config == DEFAULT_RULES
     # every rule is on by default, except the optional ones
     assert [r["name"] for r in DEFAULT_RULES] == [n for n in RULE_NAMES if n not in OPTIONAL_RULES]
-    assert OPTIONAL_RULES == ("near_dedup",)
     assert Cleaner([]).clean(" raw ") == " raw "
+
+
+def test_near_dedup_runs_only_when_configured():
+    """The default rules drop exact duplicates only; a near duplicate needs near_dedup in data.cleaning."""
+    doc = (
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. "
+        * 3
+    )
+    near = doc.replace("wife", "wive", 1)
+    default = Cleaner(None)
+    assert [default.clean(d) is not None for d in (doc, doc, near)] == [True, False, True]
+    configured = Cleaner([*DEFAULT_RULES, "near_dedup"])
+    assert [configured.clean(d) is not None for d in (doc, near)] == [True, False]
 
 
 @pytest.mark.parametrize(

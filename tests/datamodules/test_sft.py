@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.sft import DEFAULT_CHAT_TEMPLATE, EMBEDDED_SFT, ChatTemplate, SFTDataModule
+from datamodules.sft import EMBEDDED_SFT, ChatTemplate, SFTDataModule
 from datamodules.sources import DataError, read_records
 from datamodules.tokenizer import BOS, EOS, train_tokenizer
 
@@ -68,7 +68,11 @@ def test_template_needs_content_once():
     with pytest.raises(DataError, match="chat_template"):
         ChatTemplate("<|{role}|>")
     assert ChatTemplate().generation_prompt == "<|assistant|>\n"
-    assert DEFAULT_CHAT_TEMPLATE == "<|{role}|>\n{content}\n"
+    # the default format, as a conversation renders with it
+    rendered = ChatTemplate().render(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], BOS, EOS
+    )
+    assert rendered == f"{BOS}<|user|>\nHi\n<|assistant|>\nHello{EOS}\n"
 
 
 def test_loss_mask_token_by_token(tmp_path, tokenizer_path):
