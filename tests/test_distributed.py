@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -161,12 +162,24 @@ def job(monkeypatch):
     """Starts (inside a job_scope) what Lightning's launcher starts: its environment, a child, an observer."""
     from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
+    gate = threading.Event()
+
+    class GatedObserver(_ChildProcessObserver):
+        """Lightning's observer, whose first look waits for the test to open the gate after the job's end: without
+        the fix it then finds the failed child and kills the bystander, with it there is nothing left to watch.
+        No timing decides the outcome."""
+
+        def run(self) -> None:
+            gate.wait()
+            super().run()
+
+    started: dict = {"gate": gate}
     monkeypatch.delenv("LOCAL_RANK", raising=False)  # the launching parent
     monkeypatch.setenv("LLM_TEST_CHANGED", "before")
     monkeypatch.setenv("LLM_TEST_REMOVED", "before")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     saved = dict(os.environ)
-    started: dict = {"bystander": bystander}
+    started["bystander"] = bystander
 
     def start(child_code: str) -> None:
         started["environ"] = dict(os.environ)  # as the job found it
@@ -174,12 +187,12 @@ def job(monkeypatch):
         os.environ.update(WORLD_SIZE="2", PL_GLOBAL_SEED="1234", LLM_TEST_CHANGED="during")
         del os.environ["LLM_TEST_REMOVED"]
         child = subprocess.Popen([sys.executable, "-c", child_code])
-        # the observer's first look comes 2 s after the job's end at the latest: long after job_scope disarmed it
-        observer = _ChildProcessObserver(main_pid=bystander.pid, child_processes=[child], sleep_period=2)
+        observer = GatedObserver(main_pid=bystander.pid, child_processes=[child], sleep_period=0.1)
         observer.start()
         started.update(child=child, observer=observer)
 
     yield start, started
+    gate.set()  # also when the test failed before opening it
     os.environ.clear()  # whatever happened, the next tests get the environment back
     os.environ.update(saved)
     for proc in (bystander, started.get("child")):
@@ -189,7 +202,8 @@ def job(monkeypatch):
 
 
 def _ended_cleanly(started: dict) -> None:
-    started["observer"].join(timeout=10)  # it found nothing left to watch: it ended without killing anyone
+    started["gate"].set()  # the observer's first look, after the job's end
+    started["observer"].join(timeout=60)  # it found nothing left to watch: it ended without killing anyone
     assert not started["observer"].is_alive()
     assert started["bystander"].poll() is None  # the sweep's process lives on
     assert dict(os.environ) == started["environ"]  # added, changed and removed variables all restored

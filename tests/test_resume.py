@@ -172,6 +172,21 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+# train.py with every checkpoint write slowed down, so that a kill can land in the middle of one: torch.save sleeps
+# after writing into the temporary file, before the atomic rename (fault injection kept out of the production code)
+SLOW_CHECKPOINT_WRITES = """
+import runpy, sys, time
+import torch
+save = torch.save
+def slow_save(*args, **kwargs):
+    save(*args, **kwargs)
+    time.sleep(2)
+torch.save = slow_save
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_anytime_then_resume_reaches_the_same_weights(tmp_path, data_cache):
     straight = tmp_path / "straight"
@@ -188,9 +203,8 @@ def test_sigkill_anytime_then_resume_reaches_the_same_weights(tmp_path, data_cac
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # 2. killed in the middle of writing a checkpoint (the write is slowed down to hit it)
-    slow = [sys.executable, str(ROOT / "tests" / "slow_checkpoint_write.py")]
     proc = subprocess.Popen(
-        [*slow, *_train_cmd(killed, data_cache, "ckpt_path=last")[2:]],
+        [sys.executable, "-c", SLOW_CHECKPOINT_WRITES, *_train_cmd(killed, data_cache, "ckpt_path=last")[2:]],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from llm.runtime.topology import accelerator_of
+
 # Dense (not 2:4 sparse) datasheet peaks in FLOP/s, per device. Lightning's own table lists sparse figures
 # for some parts (2.0e15 for H200), which would halve every MFU we report, so we keep ours.
 _GPU_PEAKS = {
@@ -112,7 +114,6 @@ def fastest_precision(accelerator: str) -> str:
     optimizer, bf16 matmuls); everything else ``32-true``: without native bf16 a CPU emulates it and bf16-mixed
     is slower than float32 (README's performance table: bf16-mixed vs 32-true).
     """
-    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    if accelerator_of(accelerator) == "cuda":
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"

@@ -37,7 +37,7 @@ def measure(runs: list[dict]) -> list[dict]:
     import gc
     from functools import partial
 
-    from llm.core.config import ModelConfig
+    from llm.core.config import ModelConfig  # noqa: F811 (this function runs in a child, before the imports below)
     from llm.training.module import CausalLM
 
     def status(key: str) -> int:
@@ -82,10 +82,10 @@ import pytest  # noqa: E402
 from llm import plan as planner  # noqa: E402
 from llm.app import schema  # noqa: E402
 from llm.app.spec import memory_plan, resolve  # noqa: E402
-from llm.core.config import ModelConfig  # noqa: E402
 from llm.core.memory import PRECISIONS, Plan, block_activation_bytes, check  # noqa: E402
 from llm.core.model import Transformer  # noqa: E402
 from llm.errors import UserError  # noqa: E402
+from tests.conftest import debug_model  # noqa: E402
 
 FIXED = ["trainer.accelerator=cpu", "trainer.precision=32-true", "plan.device_memory_gb=80"]
 
@@ -202,7 +202,8 @@ def test_cli_runs_as_a_module():
 def test_block_activations_are_what_autograd_saves(precision):
     """block_activation_bytes counts, per token, exactly the tensors autograd keeps (parameters and autocast's
     weight copies excluded: those are weights and buffers)."""
-    cfg = ModelConfig(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=704, vocab_size=1000, max_seq_len=64)
+    # wider than the debug model: per-token activations must stand out from the weights by their shapes
+    cfg = debug_model(dim=256, n_layers=1, ffn_dim=704, vocab_size=1000)
     model = Transformer(cfg)
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from llm.app.evaluate import eval_trainer, generation_metrics, measure
-from llm.core.config import ModelConfig
 from llm.errors import UserError
 from llm.training.module import CausalLM, SequenceClassifier
+from tests.conftest import debug_model
 
 LABELS = ["a", "b", "c"]
 
 
 def config(vocab_size: int) -> dict:
-    return ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=vocab_size).to_dict()
+    return debug_model(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=vocab_size).to_dict()
 
 
 class FixedLM(CausalLM):

@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 
-from llm.core.config import ModelConfig
 from llm.training.module import CausalLM, SequenceClassifier
 from llm.training.optim import param_groups
+from tests.conftest import debug_model
 
-CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=64, max_seq_len=32)
+CFG = debug_model(dim=32, ffn_dim=64, vocab_size=64, max_seq_len=32)
 LABELS = ["neg", "pos", "zzz"]
 
 
@@ -79,7 +79,7 @@ def test_load_weights_copies_a_transformer():
 
 
 def test_untied_lm_head_is_frozen_and_left_out_of_the_optimizer():
-    cfg = ModelConfig(**{**CFG.to_dict(), "tie_embeddings": False})
+    cfg = debug_model(**{**CFG.to_dict(), "tie_embeddings": False})
     module = SequenceClassifier(cfg.to_dict(), labels=LABELS)
     module.configure_model()
     params = [p for g in param_groups(module, 0.1) for p in g["params"]]
