@@ -81,8 +81,11 @@ def run(cfg: DictConfig) -> Outcome:
     if trainer.limit_val_batches == 0:  # validation off: there is no val/loss, the last training loss stands in
         train_loss = float(trainer.callback_metrics["train/loss"])
         return Outcome(train_loss, fields={"validation": "off", "train_loss": train_loss})
-    results = trainer.validate(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))
-    return Outcome(float(results[0]["val/loss"]), fields={"val_loss": float(results[0]["val/loss"])})
+    final = trainer.validate(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))[0]
+    fields = {"val_loss": float(final["val/loss"])}
+    if "val/bpb" in final:
+        fields["val_bpb"] = float(final["val/bpb"])
+    return Outcome(fields["val_loss"], fields=fields)
 
 
 def _planned_memory_gb(spec: RunSpec, module: Any) -> float | None:

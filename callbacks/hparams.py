@@ -31,6 +31,7 @@ from llm.errors import UserError
 # HParams-tab tag -> the metric it reports (those a run logs; a classifier has val/f1, a language model val/ppl)
 METRICS = {
     "hp/val_loss": "val/loss",
+    "hp/val_bpb": "val/bpb",
     "hp/val_ppl": "val/ppl",
     "hp/val_acc": "val/acc",
     "hp/val_f1": "val/f1",

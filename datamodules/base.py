@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from datamodules.sources import DataError
+from datamodules.tokenizer import token_bytes
 
 
 class PreparedDataModule(L.LightningDataModule):
@@ -44,6 +46,17 @@ class PreparedDataModule(L.LightningDataModule):
     report: dict[str, Any]  # what preparing read, dropped and built: data_report.json
     train_dataset: Dataset | None
     val_dataset: Dataset | None
+
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        """UTF-8 bytes of text per token id (vocab_size,), 0 for special tokens: val/bpb's denominator. Counted
+        once per tokenizer, after prepare()."""
+        if self.tokenizer is None:
+            raise RuntimeError("token_bytes is known after prepare()")
+        if getattr(self, "_token_bytes", None) is None or self._token_bytes_of is not self.tokenizer:
+            self._token_bytes = torch.from_numpy(token_bytes(self.tokenizer))
+            self._token_bytes_of = self.tokenizer
+        return self._token_bytes
 
     def __init__(self) -> None:
         super().__init__()

@@ -3,7 +3,9 @@
 One call of :func:`prepare_corpus` runs the pipeline, each step handing its output to the next:
 
 1. sources -> cleaning: read and clean every document, spooling the kept ones to disk (memory stays bounded);
-2. split the documents into train and val with a seeded permutation (by document, never inside one);
+   with ``val_paths``, their documents too (after the train ones, cleaned by the same rules with their own state);
+2. split the documents into train and val with a seeded permutation (by document, never inside one), or, with
+   ``val_paths``, val is exactly their documents and train all of ``paths``'s;
 3. tokenizer: train it on the train documents (or load the configured one);
 4. encode -> shards: every document as ``BOS document EOS`` (:mod:`datamodules.encoding`), appended to its
    split's shards (:mod:`datamodules.shards`).
@@ -18,7 +20,7 @@ directory that a later run trusts; a later build removes its leftovers.
 
 from __future__ import annotations
 
-import contextlib
+import array
 import hashlib
 import json
 import multiprocessing
@@ -27,33 +29,34 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tokenizers
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from datamodules import sources
+from datamodules.cache import PIPELINE_VERSION, cache_key, lock, write_json
 from datamodules.cleaning import Cleaner, normalize_rules
 from datamodules.encoding import encode_processes, encode_spool
 from datamodules.shards import ShardIndex, ShardWriter, TokenShards, shards_intact, token_dtype
-from datamodules.sources import DataError, SourceStats, file_format, find_files, read_documents, unread
+from datamodules.sources import DataError, SourceStats, find_files, read_documents, unread
 from datamodules.spool import Spool
-from datamodules.tokenizer import load_tokenizer, special_ids, tokenizer_file, train_tokenizer
+from datamodules.tokenizer import load_tokenizer, special_ids, train_tokenizer
 
-# Bump when the cache layout or anything in the pipeline changes what a given input produces.
-PIPELINE_VERSION = 3  # 2: BOS before every document; 3: sharded arrays, binary files skipped
 SPLITS = ("train", "val")
 
 
 @dataclass
 class CorpusSettings:
     """Everything that decides what :func:`prepare_corpus` produces (besides the input files' bytes), plus
-    ``num_proc``, which decides only how fast."""
+    ``num_proc``, which decides only how fast.
+
+    ``val_paths`` (None: ``val_fraction`` of ``paths``'s documents) are the val split's own sources, read and
+    cleaned like ``paths``; ``paths`` may then be empty, for a corpus with a val split only (evaluation).
+    """
 
     paths: Sequence[str]
     text_field: str = "text"
@@ -65,10 +68,14 @@ class CorpusSettings:
     val_fraction: float = 0.05
     seed: int = 1234
     num_proc: int | None = None  # encoding processes; None: automatic (see encoding.encode_processes)
+    val_paths: Sequence[str] | None = None  # the val split's files; None: val_fraction of the documents of paths
     cleaning_rules: list[dict[str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.paths = [str(p) for p in self.paths]
+        self.val_paths = None if self.val_paths is None else [str(p) for p in self.val_paths]
+        if not self.paths and not self.val_paths:
+            raise DataError("data.paths is empty: give files, directories or globs")
         self.cleaning_rules = normalize_rules(self.cleaning)
 
 
@@ -103,23 +110,32 @@ def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCor
             '`if __name__ == "__main__":`'
         )
     t0 = time.perf_counter()
-    files, skipped = find_files(settings.paths)
-    if not files:
-        raise DataError(f"data.paths: no readable files in {_summary(settings.paths)}")
-    key = cache_key(files, settings)
+    files: list[Path] = []
+    skipped: list[dict] = []
+    if settings.paths:  # empty only with val_paths: no train split
+        files, skipped = find_files(settings.paths)
+        if not files:
+            raise DataError(f"data.paths: no readable files in {_summary(settings.paths)}")
+    val_files: list[Path] | None = None
+    val_skipped: list[dict] = []
+    if settings.val_paths is not None:
+        val_files, val_skipped = find_files(settings.val_paths, key="data.val_paths")
+        if not val_files:
+            raise DataError(f"data.val_paths: no readable files in {_summary(settings.val_paths)}")
+    key = cache_key(files, settings, val_files)
     cache_dir = Path(cache_dir).expanduser()
     out_dir = cache_dir / key
     corpus = load(out_dir)
     if corpus is None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with _lock(cache_dir / ".lock"):  # one lock file for the directory, not one left behind per key
+        with lock(cache_dir / ".lock"):  # one lock file for the directory, not one left behind per key
             corpus = load(out_dir)  # another process may have built it while we waited
             if corpus is None:
                 for stale in cache_dir.glob(f"{key}.tmp-*"):  # left by a killed build: we hold the lock
                     shutil.rmtree(stale, ignore_errors=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=cache_dir))
                 try:
-                    build(files, skipped, settings, key, tmp)
+                    build(files, skipped, settings, key, tmp, val_files, val_skipped)
                     if out_dir.exists():  # an incomplete or damaged leftover
                         shutil.rmtree(out_dir)
                     os.replace(tmp, out_dir)
@@ -135,59 +151,33 @@ def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCor
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The cache key
-
-
-def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """BLAKE2b of the file's bytes, read in chunks."""
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cache_key(files: Sequence[Path], settings: CorpusSettings) -> str:
-    """Hash of the input files' content (in order, with their format) and of every setting that changes output."""
-    inputs = []
-    for p in files:
-        try:
-            inputs.append({"format": file_format(p), "blake2b": hash_file(p)})
-        except OSError as e:
-            raise DataError(f"{p}: cannot be read ({e.strerror or e})") from None
-    tok: dict[str, Any]
-    if settings.tokenizer is not None:
-        tok = {"file": hash_file(tokenizer_file(settings.tokenizer))}
-    else:
-        tok = {"vocab_size": settings.vocab_size, "sample_bytes": settings.tokenizer_sample_bytes}
-    payload = {
-        "version": PIPELINE_VERSION,
-        "inputs": inputs,
-        "reading": {"sniff_bytes": sources.SNIFF_BYTES, "max_bad_ratio": sources.MAX_BAD_RATIO},
-        "text_field": settings.text_field,
-        "split_paragraphs": settings.split_paragraphs,
-        "cleaning": settings.cleaning_rules,
-        "tokenizer": tok,
-        "tokenizers": tokenizers.__version__,  # training and encoding may change between versions
-        "val_fraction": settings.val_fraction,
-        "seed": settings.seed,
-    }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.blake2b(blob, digest_size=16).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Building: the pipeline
 
 
-def build(files: list[Path], skipped: list[dict], settings: CorpusSettings, key: str, out_dir: Path) -> dict[str, Any]:
-    """Run the pipeline into ``out_dir`` (an empty directory); returns the report."""
+def build(
+    files: list[Path],
+    skipped: list[dict],
+    settings: CorpusSettings,
+    key: str,
+    out_dir: Path,
+    val_files: list[Path] | None = None,
+    val_skipped: Sequence[dict] = (),
+) -> dict[str, Any]:
+    """Run the pipeline into ``out_dir`` (an empty directory); returns the report. ``val_files``: those of
+    ``settings.val_paths`` (None without)."""
     t0 = time.perf_counter()
-    # 1. sources -> cleaning, spooled to disk
-    stats, cleaner, spool = _read_and_clean(files, skipped, settings, out_dir / "docs.spool")
+    # 1. sources -> cleaning, spooled to disk (the train documents, then those of val_paths)
+    sets = [_SourceSet("paths", settings.paths, files, skipped)]
+    if val_files is not None:
+        sets.append(_SourceSet("val_paths", settings.val_paths or [], val_files, list(val_skipped)))
+    spool, val_in_train = _read_and_clean(sets, settings, out_dir / "docs.spool")
+    train_set = sets[0]
     t_clean = time.perf_counter()
     # 2. split by document
-    is_val = split_documents(cleaner.docs_kept, settings.val_fraction, settings.seed)
+    if val_files is None:
+        is_val = split_documents(train_set.cleaner.docs_kept, settings.val_fraction, settings.seed)
+    else:
+        is_val = np.repeat([False, True], [train_set.cleaner.docs_kept, sets[1].cleaner.docs_kept])
     # 3. tokenizer
     tok, tok_info = _tokenizer(settings, spool, is_val)
     dtype = token_dtype(tok_info["vocab_size"])
@@ -197,7 +187,8 @@ def build(files: list[Path], skipped: list[dict], settings: CorpusSettings, key:
     spool.path.unlink()
     t_end = time.perf_counter()
 
-    report = _report(settings, stats, cleaner, is_val, tok_info, dtype, index, n_proc, int(spool.sizes_array().sum()))
+    text_bytes = int(spool.sizes_array().sum())
+    report = _report(settings, sets, is_val, val_in_train, tok_info, dtype, index, n_proc, text_bytes)
     report["cache"] = {"key": key, "hit": False}
     report["settings"] = {k: v for k, v in asdict(settings).items() if k != "cleaning"}
     report["timings"] = {
@@ -206,43 +197,99 @@ def build(files: list[Path], skipped: list[dict], settings: CorpusSettings, key:
         "encode_and_pack": round(t_end - t_tok, 3),
     }
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    _write_json(out_dir / "report.json", report)
+    write_json(out_dir / "report.json", report)
     meta = {
         "key": key,
         "version": PIPELINE_VERSION,
         "dtype": dtype.name,
         **{f"n_{s}": report["tokens"][s] for s in SPLITS},
     }
-    _write_json(out_dir / "meta.json", {**meta, "shards": index, "complete": True})  # last: marks it usable
+    write_json(out_dir / "meta.json", {**meta, "shards": index, "complete": True})  # last: marks it usable
     return report
 
 
-def _read_and_clean(
-    files: list[Path], skipped: list[dict], settings: CorpusSettings, spool_path: Path
-) -> tuple[SourceStats, Cleaner, Spool]:
-    """Sources -> cleaning -> the spool; a corpus with no document left is an error naming why."""
-    stats = SourceStats(skipped_files=list(skipped))
-    cleaner = Cleaner(settings.cleaning_rules)
+@dataclass
+class _SourceSet:
+    """One set of sources (``data.paths`` or ``data.val_paths``) and what reading and cleaning it counted."""
+
+    key: str  # the setting that names them: "paths" or "val_paths"
+    paths: Sequence[str]
+    files: list[Path]
+    skipped: list[dict]
+    stats: SourceStats = field(init=False)
+    cleaner: Cleaner = field(init=False)
+
+    def docs(self, settings: CorpusSettings, bar: tqdm, done: list[int]) -> Iterator[str]:
+        """The cleaned documents; ``done[0]`` holds the bytes that sets before this one read (for the bar)."""
+        self.stats = SourceStats(skipped_files=list(self.skipped))
+        self.cleaner = Cleaner(settings.cleaning_rules)  # its own state: dedup is per split
+        if not self.files:
+            return
+        docs = read_documents(self.files, settings.text_field, settings.split_paragraphs, self.stats)
+        for i, doc in enumerate(self.cleaner(docs)):
+            if i % 1024 == 0:
+                bar.update(done[0] + self.stats.disk_bytes - bar.n)
+            yield doc
+        done[0] += self.stats.disk_bytes
+
+    def check(self, settings: CorpusSettings) -> None:
+        """A set with no document left is an error naming why."""
+        if not self.files:
+            return
+        cleaner, where = self.cleaner, f"data.{self.key}"
+        if cleaner.docs_read == 0:
+            reasons = unread(self.stats) or [f"empty files, or data.text_field={settings.text_field!r} empty"]
+            raise DataError(f"{where}: no documents in {_summary(self.paths)} ({'; '.join(reasons)})")
+        if cleaner.docs_kept == 0:
+            drops = ", ".join(f"{r.name}: {r.dropped}" for r in cleaner.rules if r.dropped)
+            raise DataError(
+                f"data.cleaning dropped all {cleaner.docs_read} documents of {_summary(self.paths)} ({drops})"
+            )
+
+
+def _digest(doc: str) -> int:
+    """The 8-byte content hash that the dedup rule compares (datamodules.cleaning.Dedup)."""
+    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _read_and_clean(sets: list[_SourceSet], settings: CorpusSettings, spool_path: Path) -> tuple[Spool, int | None]:
+    """Sources -> cleaning -> the spool, set after set; and, with a val set, how many of its documents are also
+    train documents (exact copies after cleaning; None without a val set)."""
     spool = Spool(spool_path)
-    with progress(sum(p.stat().st_size for p in files), "reading and cleaning") as bar:
+    train_hashes = array.array("Q")  # 8 bytes per train document, only with a val set
+    val_in_train = [0]
+
+    def train_docs(docs: Iterable[str]) -> Iterator[str]:
+        for doc in docs:
+            train_hashes.append(_digest(doc))
+            yield doc
+
+    def val_docs(docs: Iterable[str]) -> Iterator[str]:
+        # runs once the train documents are all read: the spool is written in order
+        seen = np.sort(np.frombuffer(train_hashes, dtype=np.uint64)) if len(train_hashes) else None
+        for doc in docs:
+            if seen is not None:
+                h = np.uint64(_digest(doc))
+                i = int(seen.searchsorted(h))
+                val_in_train[0] += bool(i < len(seen) and seen[i] == h)
+            yield doc
+
+    total = sum(p.stat().st_size for s in sets for p in s.files)
+    with progress(total, "reading and cleaning") as bar:
+        done = [0]
 
         def cleaned() -> Iterator[str]:
-            docs = read_documents(files, settings.text_field, settings.split_paragraphs, stats)
-            for i, doc in enumerate(cleaner(docs)):
-                if i % 1024 == 0:
-                    bar.update(stats.disk_bytes - bar.n)
-                yield doc
+            train = sets[0].docs(settings, bar, done)
+            if len(sets) == 1:
+                yield from train
+                return
+            yield from train_docs(train)
+            yield from val_docs(sets[1].docs(settings, bar, done))
 
         spool.write_all(cleaned())
-    if cleaner.docs_read == 0:
-        reasons = unread(stats) or [f"empty files, or data.text_field={settings.text_field!r} empty"]
-        raise DataError(f"data.paths: no documents in {_summary(settings.paths)} ({'; '.join(reasons)})")
-    if cleaner.docs_kept == 0:
-        drops = ", ".join(f"{r.name}: {r.dropped}" for r in cleaner.rules if r.dropped)
-        raise DataError(
-            f"data.cleaning dropped all {cleaner.docs_read} documents of {_summary(settings.paths)} ({drops})"
-        )
-    return stats, cleaner, spool
+    for s in sets:
+        s.check(settings)
+    return spool, (val_in_train[0] if len(sets) > 1 else None)
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -263,6 +310,8 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
 
 def _tokenizer(settings: CorpusSettings, spool: Spool, is_val: np.ndarray) -> tuple[Tokenizer, dict[str, Any]]:
     """The configured tokenizer, or one trained on the train documents; and what the report says of it."""
+    if settings.tokenizer is None and bool(is_val.all()):
+        raise DataError("no train documents to train a tokenizer on (a val split only): give data.tokenizer=PATH")
     if settings.tokenizer is not None:
         tok = load_tokenizer(settings.tokenizer)
         info: dict[str, Any] = {"trained": False, "source": str(settings.tokenizer)}
@@ -327,47 +376,66 @@ def _encode_to_shards(
     return {split: w.close() for split, w in writers.items()}, n_proc
 
 
+def _sources_report(s: _SourceSet) -> dict[str, Any]:
+    """What reading and cleaning one set of sources counted."""
+    clean = s.cleaner.report()
+    return {
+        "sources": {
+            "paths": list(s.paths),
+            "files": s.stats.files,
+            "bytes": s.stats.bytes,
+            "empty_files": s.stats.empty_files,
+            "skipped_files": len(s.stats.skipped_files),
+        },
+        "documents": clean["documents"],
+        "characters": clean["characters"],
+        "rules": clean["rules"],
+        "invalid_utf8_replacements": s.stats.invalid_utf8_replacements,
+        "skipped_files": s.stats.skipped_files[:100],
+    }
+
+
 def _report(
     settings: CorpusSettings,
-    stats: SourceStats,
-    cleaner: Cleaner,
+    sets: list[_SourceSet],
     is_val: np.ndarray,
+    val_in_train: int | None,
     tok_info: dict[str, Any],
     dtype: np.dtype,
     index: dict[str, ShardIndex],
     n_proc: int,
     text_bytes: int,
 ) -> dict[str, Any]:
-    """The report of a build (the caller adds the cache key, the settings and the timings)."""
-    clean = cleaner.report()
-    return {
-        "sources": {
-            "paths": list(settings.paths),
-            "files": stats.files,
-            "bytes": stats.bytes,
-            "empty_files": stats.empty_files,
-            "skipped_files": len(stats.skipped_files),
-        },
-        "documents": clean["documents"],
-        "characters": clean["characters"],
-        "rules": clean["rules"],
-        "invalid_utf8_replacements": stats.invalid_utf8_replacements,
-        "skipped_files": stats.skipped_files[:100],
-        "split": {
-            "train_documents": int((~is_val).sum()),
-            "val_documents": int(is_val.sum()),
-            "val_fraction": settings.val_fraction,
-            "seed": settings.seed,
-        },
-        "tokens": {split: sum(int(s["tokens"]) for s in shards) for split, shards in index.items()},
-        "tokenizer": tok_info,
-        "packing": {
-            "dtype": dtype.name,
-            "shards": {split: len(s) for split, s in index.items()},
-            "encode_processes": n_proc,
-            "text_bytes": text_bytes,
-        },
-    }
+    """The report of a build (the caller adds the cache key, the settings and the timings). The top-level counts
+    are those of ``data.paths``; with ``data.val_paths``, ``"val"`` holds the same counts for those."""
+    has_val_paths = len(sets) > 1
+    report = _sources_report(sets[0])
+    if has_val_paths:
+        report["val"] = _sources_report(sets[1])
+    report.update(
+        {
+            "split": {
+                "train_documents": int((~is_val).sum()),
+                "val_documents": int(is_val.sum()),
+                "val_split": "data.val_paths"
+                if has_val_paths
+                else f"data.val_fraction={settings.val_fraction} (seed {settings.seed})",
+                "val_fraction": None if has_val_paths else settings.val_fraction,
+                "seed": settings.seed,
+                # val documents that are also train documents (exact, after cleaning): dedup is per split
+                "val_in_train": val_in_train,
+            },
+            "tokens": {split: sum(int(s["tokens"]) for s in shards) for split, shards in index.items()},
+            "tokenizer": tok_info,
+            "packing": {
+                "dtype": dtype.name,
+                "shards": {split: len(s) for split, s in index.items()},
+                "encode_processes": n_proc,
+                "text_bytes": text_bytes,
+            },
+        }
+    )
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -389,30 +457,6 @@ def load(out_dir: Path) -> PackedCorpus | None:
     except Exception:  # unreadable, truncated or from another version: rebuild
         return None
     return PackedCorpus(out_dir, tok, dtype, meta["n_train"], meta["n_val"], report, index)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so that concurrent processes (DDP ranks) build a cache entry once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename still keeps the cache consistent
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _summary(paths: Sequence[str], limit: int = 3) -> str:

@@ -1,8 +1,11 @@
 """Windows over a packed token stream, and the sampler that orders and shards them.
 
 Sample ``i`` is the ``seq_len + 1`` tokens starting at ``i * seq_len``: consecutive windows share one
-token, so every token of the stream is a label exactly once. ``input_ids`` is the window without its
-last token and ``labels`` the window without its first.
+token, so every token of the stream but the first is a label exactly once. ``input_ids`` is the window
+without its last token and ``labels`` the window without its first. Without ``tail`` (training) the
+tokens after the last whole window are left out; with it (validation) a last, shorter window takes them,
+padded to ``seq_len`` with ``pad_id`` inputs and ``IGNORE_INDEX`` labels, so the whole stream is measured.
+:class:`EvenWindows` adds empty windows (every label ignored) so that every rank reads as many batches.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from datamodules.shards import TokenShards
 
-IGNORE_INDEX = -100  # label value the loss ignores (packed pretraining has none; kept for the convention)
+IGNORE_INDEX = -100  # label value the loss ignores (the padding of a val tail window; train windows have none)
 
 
 class TokenWindows(Dataset):
@@ -24,7 +27,8 @@ class TokenWindows(Dataset):
 
     ``source`` is one token file, or a split's shards as ``(path, tokens)`` pairs read as one stream (a window
     may span two shards). The memory maps open lazily in each process, so the dataset pickles cheaply into
-    DataLoader workers (a pickled ``np.memmap`` would copy the whole array).
+    DataLoader workers (a pickled ``np.memmap`` would copy the whole array). ``tail``: a last, padded window
+    holds the tokens after the last whole one (see the module's docstring).
     """
 
     def __init__(
@@ -33,6 +37,9 @@ class TokenWindows(Dataset):
         dtype: np.dtype | str,
         n_tokens: int,
         seq_len: int,
+        *,
+        tail: bool = False,
+        pad_id: int = 0,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len} must be positive")
@@ -43,16 +50,54 @@ class TokenWindows(Dataset):
         self.dtype = self.tokens.dtype
         self.n_tokens = int(n_tokens)
         self.seq_len = int(seq_len)
+        self.tail = bool(tail)
+        self.pad_id = int(pad_id)
 
     def __len__(self) -> int:
-        return max(0, (self.n_tokens - 1) // self.seq_len)
+        labels = max(0, self.n_tokens - 1)  # every token but the first is a label
+        return -(-labels // self.seq_len) if self.tail else labels // self.seq_len
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range ({len(self)} windows)")
         start = i * self.seq_len
         window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": window[:-1], "labels": window[1:]}
+        input_ids, labels = window[:-1], window[1:]
+        if len(labels) < self.seq_len:  # the tail window
+            pad = self.seq_len - len(labels)
+            input_ids = torch.cat([input_ids, torch.full((pad,), self.pad_id, dtype=torch.long)])
+            labels = torch.cat([labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class EvenWindows(Dataset):
+    """``windows`` followed by empty windows (``pad_id`` inputs, every label ``IGNORE_INDEX``) up to a multiple of
+    ``multiple``: the val dataset of ``multiple`` ranks.
+
+    :class:`WindowSampler` cuts an order to a multiple of the world size; validation must not lose windows, nor
+    repeat them as ``DistributedSampler`` does (a repeated window would count twice), and every rank must run as
+    many forward passes (a sharded model gathers its weights in each). The empty windows add nothing to the loss
+    or the metrics, so the ranks together measure every window exactly once.
+    """
+
+    def __init__(self, windows: TokenWindows, multiple: int) -> None:
+        self.windows = windows
+        n = len(windows)
+        self.n = -(-n // multiple) * multiple if n else 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(f"window {i} out of range ({self.n} windows)")
+        if i < len(self.windows):
+            return self.windows[i]
+        seq_len = self.windows.seq_len
+        return {
+            "input_ids": torch.full((seq_len,), self.windows.pad_id, dtype=torch.long),
+            "labels": torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long),
+        }
 
 
 class WindowSampler(DistributedSampler):

@@ -4,7 +4,8 @@
 ``train.py`` calls it before building the model, whose vocabulary follows the tokenizer. Train windows
 are shuffled per epoch and sharded over ranks by :class:`~datamodules.dataset.WindowSampler`, whose
 position is saved in checkpoints through :meth:`PretrainDataModule.state_dict`; val windows are fixed
-and in order.
+and in order, and measure the val split whole: its last, shorter window is padded (labels ignored), and
+under several ranks each window is read by one rank exactly once (:class:`~datamodules.dataset.EvenWindows`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.base import PreparedDataModule
 from datamodules.corpus import CorpusSettings, PackedCorpus, prepare_corpus
-from datamodules.dataset import TokenWindows, WindowSampler
+from datamodules.dataset import EvenWindows, TokenWindows, WindowSampler
 from datamodules.sources import EMBEDDED_CORPUS, DataError
 from datamodules.tokenizer import special_ids
 from llm.runtime.topology import data_parallel_rank, process_rank
@@ -68,13 +69,20 @@ class PretrainDataModule(PreparedDataModule):
             directory); None trains a byte-level BPE on the corpus.
         vocab_size: size of the trained tokenizer's vocabulary.
         tokenizer_sample_bytes: train the tokenizer on about this many bytes of text (None: all).
-        val_fraction: fraction of the documents held out for validation.
+        val_fraction: fraction of the documents held out for validation (unused with ``val_paths``).
+        val_paths: files, directories or globs of the val split, read and cleaned as ``paths`` are; None to
+            hold out ``val_fraction`` of the documents of ``paths``. With them, no document of ``paths`` is held
+            out; the tokenizer is still trained on ``paths`` alone. Exact dedup is per split: a val document
+            that is also in train is kept, and counted in the report's ``split.val_in_train``.
         seed: seeds the train/val split and the order of the train windows.
         cleaning: the cleaning rules (see :mod:`datamodules.cleaning`); None for the defaults.
         cache_dir: where prepared corpora are cached.
         pin_memory: pin batches in memory (only when CUDA is available).
         num_proc: processes that encode the corpus; None decides by its size and the cores (see
             :func:`datamodules.encoding.encode_processes`). Changes the speed only, never the result.
+        train: False for evaluation only (``experiment=eval`` sets it): no train split is required, and with
+            ``val_paths`` ``paths`` is not read at all (the tokenizer must then be given). A training run
+            refuses it.
     """
 
     kind: ClassVar[str] = "text"
@@ -98,6 +106,8 @@ class PretrainDataModule(PreparedDataModule):
         cache_dir: str = ".cache/data",
         pin_memory: bool = True,
         num_proc: int | None = None,
+        val_paths: list[str] | None = None,
+        train: bool = True,
     ) -> None:
         super().__init__()
         paths = _plain(paths)
@@ -105,6 +115,11 @@ class PretrainDataModule(PreparedDataModule):
             paths = [paths]
         if paths is not None and len(paths) == 0:
             raise DataError("data.paths is empty: give files, directories or globs (or null for the embedded corpus)")
+        val_paths = _plain(val_paths)
+        if isinstance(val_paths, str):
+            val_paths = [val_paths]
+        if val_paths is not None and len(val_paths) == 0:
+            raise DataError("data.val_paths is empty: give files, directories or globs (or null for data.val_fraction)")
         self._set_sizes(seq_len, batch_size, num_workers)
         self.paths: list[str] | None = paths
         self.text_field = text_field
@@ -118,6 +133,8 @@ class PretrainDataModule(PreparedDataModule):
         self.cache_dir = str(cache_dir)
         self.pin_memory = bool(pin_memory)
         self.num_proc = None if num_proc is None else int(num_proc)
+        self.val_paths: list[str] | None = val_paths
+        self.train = bool(train)
         self.save_hyperparameters(logger=False)
 
         self.corpus: PackedCorpus | None = None
@@ -131,8 +148,12 @@ class PretrainDataModule(PreparedDataModule):
         """Clean, tokenize and pack the corpus, or load it from the cache. Idempotent."""
         if self.corpus is not None:
             return
+        if not self.train and self.val_paths is not None:
+            paths: list[str] = []  # evaluation of val_paths: the train sources are not read
+        else:
+            paths = self.paths if self.paths is not None else [str(EMBEDDED_CORPUS)]
         settings = CorpusSettings(
-            paths=self.paths if self.paths is not None else [str(EMBEDDED_CORPUS)],
+            paths=paths,
             text_field=self.text_field,
             split_paragraphs=self.split_paragraphs,
             cleaning=self.cleaning,
@@ -142,18 +163,20 @@ class PretrainDataModule(PreparedDataModule):
             val_fraction=self.val_fraction,
             seed=self.seed,
             num_proc=self.num_proc,
+            val_paths=self.val_paths,
         )
         corpus = prepare_corpus(settings, self.cache_dir)
         window = self.seq_len + 1
-        if corpus.n_val < window:
+        if self.val_paths is None and corpus.n_val < window:
             raise DataError(
                 f"data.val_fraction={self.val_fraction} leaves {corpus.n_val} validation tokens, fewer than one "
                 f"window of data.seq_len+1={window}: raise data.val_fraction or lower data.seq_len"
             )
-        if corpus.n_train < window:
+        # (val_paths: every document is at least BOS and EOS, so there is at least one label to measure)
+        if self.train and corpus.n_train < window:
             raise DataError(
-                f"only {corpus.n_train} training tokens, fewer than one window of data.seq_len+1={window}: "
-                "add data or lower data.seq_len"
+                f"only {corpus.n_train} training tokens in data.paths, fewer than one window of "
+                f"data.seq_len+1={window}: add data or lower data.seq_len"
             )
         self.corpus = corpus
         self.tokenizer = corpus.tokenizer
@@ -161,7 +184,9 @@ class PretrainDataModule(PreparedDataModule):
         self.bos_id, self.eos_id, self.pad_id = special_ids(corpus.tokenizer, name=str(self.tokenizer_path))
         self.report = corpus.report
         self.train_dataset = TokenWindows(corpus.shards("train"), corpus.dtype, corpus.n_train, self.seq_len)
-        self.val_dataset = TokenWindows(corpus.shards("val"), corpus.dtype, corpus.n_val, self.seq_len)
+        self.val_dataset = TokenWindows(
+            corpus.shards("val"), corpus.dtype, corpus.n_val, self.seq_len, tail=True, pad_id=self.pad_id
+        )
 
     def tokenizer_source(self) -> Path:
         assert self.corpus is not None
@@ -176,7 +201,7 @@ class PretrainDataModule(PreparedDataModule):
             return data_parallel_rank(trainer)
         return process_rank()
 
-    def _loader(self, dataset: TokenWindows, sampler: WindowSampler, train: bool) -> DataLoader:
+    def _loader(self, dataset: TokenWindows | EvenWindows, sampler: WindowSampler, train: bool) -> DataLoader:
         if self.num_workers > 0:
             # the tokenizer's threads were used in this process; workers only read the memory map
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -194,6 +219,8 @@ class PretrainDataModule(PreparedDataModule):
         return loader
 
     def train_dataloader(self) -> DataLoader:
+        if not self.train:
+            raise DataError("data.train=false prepares data for evaluation only: a training run needs data.train=true")
         self.prepare()
         assert self.train_dataset is not None
         rank, world = self._rank_and_world()
@@ -214,8 +241,10 @@ class PretrainDataModule(PreparedDataModule):
         self.prepare()
         assert self.val_dataset is not None
         rank, world = self._rank_and_world()
-        sampler = WindowSampler(self.val_dataset, shuffle=False, rank=rank, world_size=world)
-        return self._loader(self.val_dataset, sampler, train=False)
+        # every window once over the ranks: rank r reads windows r, r + world, ...; empty windows even them out
+        dataset = self.val_dataset if world == 1 else EvenWindows(self.val_dataset, world)
+        sampler = WindowSampler(dataset, shuffle=False, rank=rank, world_size=world)
+        return self._loader(dataset, sampler, train=False)
 
     # ------------------------------------------------------------------------------------------------
     # resumable position (Lightning stores it in checkpoints)

@@ -118,9 +118,7 @@ def find_files(paths: Iterable[str | Path], key: str = "data.paths") -> tuple[li
     def add(p: Path, named: bool) -> None:
         if file_format(p) is None:
             if named:
-                raise DataError(
-                    f"{key}: {p} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)"
-                )
+                raise DataError(f"{key}: {p} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)")
             skipped.append({"path": str(p), "reason": "unsupported file type"})
             return
         resolved = p.resolve()

@@ -10,10 +10,13 @@ and adds BOS and EOS itself.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from datamodules.sources import DataError
@@ -124,3 +127,44 @@ def special_ids(tok: Tokenizer, name: str = "tokenizer") -> tuple[int, int, int]
     bos = _first_id(tok, _BOS_NAMES)
     pad = _first_id(tok, _PAD_NAMES)
     return (eos if bos is None else bos), eos, (eos if pad is None else pad)
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each of the 256 bytes is written as one printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text that each token id stands for, (vocab_size,) int64; 0 for special tokens.
+
+    The denominator of bits per byte, which compares models whatever their tokenizer. Exact for byte-level BPE
+    (ours, GPT-2's, Llama 3's): a token is a run of bytes, one alphabet character each, so a text's tokens add up
+    to its byte length. Other tokenizers (SentencePiece's ``▁`` and ``<0xNN>`` byte tokens, WordPiece's ``##``)
+    are counted from each token's own text, which can differ from the text by the word-boundary spaces.
+    """
+    n = tok.get_vocab_size(with_added_tokens=True)
+    table = np.zeros(n, dtype=np.int64)
+    added = tok.get_added_tokens_decoder()
+    alphabet = _byte_of_char()
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get("decoder"))  # also inside a Sequence
+    for token, i in tok.get_vocab(with_added_tokens=True).items():
+        if i >= n:
+            continue
+        if i in added:
+            table[i] = 0 if added[i].special else len(token.encode("utf-8"))
+        elif byte_level and all(c in alphabet for c in token):
+            table[i] = len(token)  # one character per byte
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            table[i] = 1  # SentencePiece's byte fallback
+        else:
+            table[i] = len(token.replace("\u2581", " ").removeprefix("##").encode("utf-8"))
+    return table

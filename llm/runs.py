@@ -4,7 +4,7 @@ A run is a directory holding `.hydra/config.yaml` (train.py writes one per run, 
 each DIR is a run, or a folder searched recursively for runs. The table has one row per run:
 - the settings that differ between the runs: the keys overridden on the command line (`.hydra/overrides.yaml`;
   a group such as `model=small` shows the chosen option) and any other key of the saved configs that differs;
-- the final val/loss, the median tokens/s, the wall time and the number of optimizer steps;
+- the final val/loss and val/bpb (bits per byte), the median tokens/s, the wall time and the number of optimizer steps;
 - the status: `ok`, `stopped` (by a signal) or `failed: <first line of the error>` from `status.json`, which
   train.py writes when a run ends; without it `running` (a file of the run changed less than RUNNING_WINDOW_S
   ago) or `unknown`.
@@ -55,6 +55,7 @@ class Run:
     status: str = "unknown"  # ok | stopped | failed | running | unknown
     error: str | None = None  # first line of the error of a failed run
     val_loss: float | None = None
+    val_bpb: float | None = None  # bits per byte: comparable across tokenizers
     tokens_per_sec: float | None = None
     wall_s: float | None = None
     steps: int | None = None
@@ -180,6 +181,8 @@ def load_run(path: Path, now: float | None = None) -> Run:
     run.curves = {tag: curve(scalars[tag]) for tag in PLOT_TAGS if tag in scalars}
     if scalars.get("val/loss"):
         run.val_loss = _finite(scalars["val/loss"][-1][2])  # the last written: the final validation
+    if scalars.get("val/bpb"):
+        run.val_bpb = _finite(scalars["val/bpb"][-1][2])
     if scalars.get("perf/tokens_per_sec"):
         run.tokens_per_sec = float(np.median([v for _, _, v in scalars["perf/tokens_per_sec"]]))
     if scalars.get("train/loss"):
@@ -194,6 +197,7 @@ def load_run(path: Path, now: float | None = None) -> Run:
         error = str(status.get("error") or "").strip()
         run.error = error.splitlines()[0] if error else None
         run.val_loss = _finite(status.get("val_loss")) if "val_loss" in status else run.val_loss
+        run.val_bpb = _finite(status.get("val_bpb")) if "val_bpb" in status else run.val_bpb
         run.wall_s = _finite(status.get("wall_s")) or run.wall_s
     else:
         newest = max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=0.0)
@@ -249,13 +253,14 @@ def table(runs: Sequence[Run], labels: Sequence[str]) -> str:
     """The runs as an aligned text table (see the module docstring), numbered as in the plot's legend."""
     keys = differing_keys(runs)
     shown, hidden = keys[:MAX_DIFF_COLUMNS], keys[MAX_DIFF_COLUMNS:]
-    header = ["#", "run", *shown, "val/loss", "tok/s", "wall", "steps", "status"]
+    header = ["#", "run", *shown, "val/loss", "val/bpb", "tok/s", "wall", "steps", "status"]
     rows = [
         [
             str(i),
             label,
             *(value_of(run, k) for k in shown),
             _number(run.val_loss, ".4f"),
+            _number(run.val_bpb, ".4f"),
             _number(run.tokens_per_sec, ",.0f"),
             _duration(run.wall_s),
             "-" if run.steps is None else str(run.steps),
@@ -264,7 +269,7 @@ def table(runs: Sequence[Run], labels: Sequence[str]) -> str:
         for i, (run, label) in enumerate(zip(runs, labels))
     ]
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header) - 1)]
-    numeric = {0, *range(len(header) - 5, len(header) - 1)}  # right-aligned columns
+    numeric = {0, *range(len(header) - 6, len(header) - 1)}  # right-aligned columns
 
     def line(row: list[str]) -> str:
         cells = [cell.rjust(w) if c in numeric else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))]

@@ -133,6 +133,8 @@ def test_eval_text_and_classify_from_scratch(pretrained, tmp_path, data_cache):
     run_experiment(["experiment=eval", f"init_from={pretrained}", *overrides, "data.seq_len=32"], ev, data_cache)
     result = json.loads((ev / "eval.json").read_text())
     assert result["kind"] == "text" and {"loss", "perplexity", "accuracy", "tokens"} <= set(result["metrics"])
+    m = result["metrics"]  # bits per byte: the loss of the text's tokens over its bytes, in bits; fewer than 8
+    assert 0 < m["bpb"] < 8 and m["bytes"] > m["tokens"] > 0
 
     rows = [{"text": t, "label": lab} for t, lab in [("What a lovely day.", "pos"), ("Dreadful rain.", "neg")] * 10]
     src = write_jsonl(tmp_path / "train.jsonl", rows)

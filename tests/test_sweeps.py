@@ -30,7 +30,9 @@ TAGS = [
     "norms/param/layers.0",
     "norms/update/layers.0",
     "hp/val_loss",
+    "hp/val_bpb",
     "hp/tokens_per_sec",
+    "val/bpb",
 ]
 
 
@@ -111,6 +113,7 @@ def test_sweep_runs_each_job_in_its_own_directory_and_goes_on_after_a_failure(tm
         assert hparams["optim.lr"] == pytest.approx(lr) and hparams["model.n_heads"] == 4
         assert hparams["model.vocab_size"] > 0  # as the model was built, not null
         assert acc.Scalars("hp/val_loss")[-1].value == pytest.approx(status(job)["val_loss"], rel=1e-5)
+        assert acc.Scalars("hp/val_bpb")[-1].value == pytest.approx(status(job)["val_bpb"], rel=1e-5)
         assert acc.Scalars("val/loss")[-1].value == pytest.approx(status(job)["val_loss"], rel=1e-5)
     for job in jobs[2:]:
         assert status(job)["status"] == "failed" and "n_heads=3" in status(job)["error"]

@@ -36,7 +36,7 @@ def test_pretrain_writes_run_directory(tiny_cfg):
     assert report["documents"]["kept"] > 0 and report["tokens"]["train"] > 0
 
     tags = read_tags(run / "tensorboard")
-    for tag in ["train/loss", "val/loss", "val/ppl", "val/acc", "perf/tokens_per_sec", "perf/mfu"]:
+    for tag in ["train/loss", "val/loss", "val/bpb", "val/ppl", "val/acc", "perf/tokens_per_sec", "perf/mfu"]:
         assert tag in tags["scalars"], tag
     assert any(t.startswith("lr-") for t in tags["scalars"])
     assert any(t.startswith("samples/") for t in tags["tensors"])
@@ -68,9 +68,7 @@ def test_validation_off_finishes_ok_with_the_last_train_loss(tmp_path, data_cach
 
     run = tmp_path / "run"
     cmd = [sys.executable, "train.py", *TINY, "trainer.limit_val_batches=0", f"data.cache_dir={data_cache}"]
-    proc = subprocess.run(
-        [*cmd, f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([*cmd, f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "ok" and status["validation"] == "off"

@@ -4,12 +4,12 @@ The kind of evaluation follows from the checkpoint and the data group:
 
 | checkpoint | data | metrics |
 | --- | --- | --- |
-| language model | ``corpus`` / ``text`` | loss, perplexity, next-token accuracy (val split) |
+| language model | ``corpus`` / ``text`` | loss, bits per byte, perplexity, next-token accuracy |
 | language model | ``sft`` | the same on response tokens; BLEU, ROUGE-L and exact match of greedy generations |
 | classifier | ``classify`` | loss, accuracy, macro F1 / precision / recall, per-class precision, recall, F1, confusion |
 
-Example sets given as ``data.paths`` alone are evaluated whole; with ``data.val_paths``, those are. A text corpus
-is evaluated on its val split (``data.val_fraction``). ``trainer.limit_val_batches`` bounds the batches read.
+Data given as ``data.paths`` alone (example sets and text alike) is evaluated whole; with ``data.val_paths``, those
+files are. ``trainer.limit_val_batches`` bounds the batches read.
 
 The run directory gets ``eval.json`` (every number), ``samples.jsonl`` for generations (prompt, reference,
 generation) and the same numbers in TensorBoard under ``eval/``.
@@ -135,7 +135,7 @@ def generate_answers(
 def run(spec: RunSpec, module: TransformerModule, datamodule: L.LightningDataModule) -> float:
     """Evaluate ``module`` (init_from's weights) on the data; write eval.json (and samples.jsonl); return the loss."""
     kind = kind_of(module, datamodule)
-    limit = spec.cfg.trainer.get("limit_val_batches")
+    limit = spec.limit_val_batches
     trainer = eval_trainer(spec.topology.accelerator, spec.precision, limit, spec.run_dir)
     metrics = measure(trainer, module, datamodule)
     result: dict[str, Any] = {"kind": kind, "init_from": spec.init.path, "data": _describe(datamodule)}
@@ -192,7 +192,8 @@ def _describe(datamodule: L.LightningDataModule) -> dict[str, Any]:
             "split": report.get("val_split"),
             "examples": report.get("val", {}).get("examples"),
         }
-    return {"kind": "text", "split": "val", "tokens": report.get("tokens", {}).get("val")}
+    split = (report.get("split") or {}).get("val_split", "val")  # data.val_paths, or the val_fraction it took
+    return {"kind": "text", "split": split, "tokens": report.get("tokens", {}).get("val")}
 
 
 def _log(logger_cfg: DictConfig, metrics: dict[str, Any], samples: list[dict[str, str]]) -> None:
@@ -223,8 +224,9 @@ def _tag(label: str) -> str:
 def summary(result: dict[str, Any]) -> str:
     m = result["metrics"]
     keys = {
-        "text": ("loss", "perplexity", "accuracy"),
-        "sft": ("loss", "perplexity", "accuracy", "bleu", "rouge_l", "exact_match"),
+        "text": ("loss", "bpb", "perplexity", "accuracy"),
+        "sft": ("loss", "bpb", "perplexity", "accuracy", "bleu", "rouge_l", "exact_match"),
         "classification": ("loss", "accuracy", "f1_macro"),
     }[result["kind"]]
-    return f"eval ({result['kind']}): " + ", ".join(f"{k} {m[k]:.4g}" for k in keys) + " (eval.json)"
+    shown = [k for k in keys if m.get(k) is not None]
+    return f"eval ({result['kind']}): " + ", ".join(f"{k} {m[k]:.4g}" for k in shown) + " (eval.json)"

@@ -108,6 +108,7 @@ class Experiment:
             )
         else:
             module = CausalLM(model.to_dict(), optimizer=optimizer, scheduler=scheduler)
+            module.token_bytes = datamodule.token_bytes  # for val/bpb
 
         from_checkpoint = init is not None and spec.cfg.data.get("tokenizer") is None
         module.tokenizer_json = init.tokenizer_json if from_checkpoint else datamodule.tokenizer.to_str()
@@ -175,11 +176,14 @@ class Eval(Experiment):
             )
 
     def datamodule_settings(self, spec: RunSpec) -> dict[str, Any]:
-        """An example set given as ``data.paths`` alone is evaluated whole (it becomes the val split)."""
+        """Data given as ``data.paths`` alone is evaluated whole (it becomes the val split); a text corpus with
+        ``data.val_paths`` (given, or ``data.paths`` so) needs no train split (``data.train=false``)."""
         given = super().datamodule_settings(spec)
         data = spec.cfg.data
         if "val_paths" in data and data.get("val_paths") is None and data.get("paths") is not None:
             given["val_paths"] = data.paths
+        if "train" in data and (data.get("val_paths") is not None or "val_paths" in given):
+            given["train"] = False
         if spec.init.labels is not None and "labels" in data:
             given["labels"] = spec.init.labels
         return given

@@ -38,6 +38,7 @@ class RunSpec:
     topology: Topology
     precision: str  # Lightning's spelling, never "auto"
     accumulation: int  # micro-batches per optimizer step
+    limit_val_batches: int | float | None  # a held-out set (data.val_paths) is read whole unless set explicitly
     model: ModelConfig  # vocab_size None until the tokenizer is known (without init_from and model.vocab_size)
     init: Init | None
     ckpt_path: str | None  # the checkpoint to resume, or None for a fresh run
@@ -46,7 +47,11 @@ class RunSpec:
 
     def trainer_arguments(self) -> dict[str, object]:
         """The Trainer arguments this module derives, given to ``instantiate`` over the YAML's."""
-        return {"precision": self.precision, "accumulate_grad_batches": self.accumulation}
+        return {
+            "precision": self.precision,
+            "accumulate_grad_batches": self.accumulation,
+            "limit_val_batches": self.limit_val_batches,
+        }
 
 
 def resolve(cfg: DictConfig, overrides: Sequence[str] | None = None) -> RunSpec:
@@ -62,10 +67,14 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] | None = None) -> RunSpec:
         topology.data_parallel_size,
         int(cfg.trainer.get("accumulate_grad_batches") or 1),
     )
+    command_line = _command_line() if overrides is None else list(overrides)
+    limit_val_batches = cfg.trainer.get("limit_val_batches")
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in command_line}
+    if cfg.data.get("val_paths") is not None and "trainer.limit_val_batches" not in typed:
+        limit_val_batches = 1.0  # a held-out set is evaluated whole: a part of it would be another set
     init = None
     if cfg.init_from is not None:
-        explicit = explicit_model_keys(_command_line() if overrides is None else overrides)
-        init = load_init(str(cfg.init_from), cfg.model, explicit)
+        init = load_init(str(cfg.init_from), cfg.model, explicit_model_keys(command_line))
     model = init.model if init is not None else build(cfg.model, "model")
     run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
     spec = RunSpec(
@@ -75,6 +84,7 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] | None = None) -> RunSpec:
         topology=topology,
         precision=precision,
         accumulation=accumulation,
+        limit_val_batches=limit_val_batches,
         model=model,
         init=init,
         ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir) if experiment.trains else None,

@@ -165,6 +165,11 @@ class CausalLM(TransformerModule):
             num_classes=self.config.vocab_size, average="micro", ignore_index=IGNORE_INDEX
         )
         self.val_tokens = SumMetric().set_dtype(torch.float64)  # a count: exact beyond float32's 2**24
+        # bits per byte: the loss of the tokens that stand for text, over the UTF-8 bytes they stand for. Special
+        # tokens (EOS, BOS) cover no text and count in neither sum, so two tokenizers compare on the same text
+        self.token_bytes: torch.Tensor | None = None  # (vocab,) bytes per token id; set from the DataModule
+        self.val_text_nats = SumMetric().set_dtype(torch.float64)
+        self.val_text_bytes = SumMetric().set_dtype(torch.float64)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -185,33 +190,51 @@ class CausalLM(TransformerModule):
     def update_validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch's logits (B, T, V) against its labels (B, T) to the epoch's metrics."""
         n_tokens = (labels != IGNORE_INDEX).sum()
-        total = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        flat = labels.flatten()
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="none")
+        total = per_token.sum()  # ignored positions are 0
+        if self.token_bytes is not None:
+            nbytes = self._token_bytes_on(flat.device)[flat.clamp(min=0)] * (flat != IGNORE_INDEX)  # (B*T,)
+            self.val_text_nats.update((per_token * (nbytes > 0)).sum())
+            self.val_text_bytes.update(nbytes.sum())
         # sum / count weighted by count is the loss per token whatever the batch split; clamp: a batch without
         # a labelled token (a truncated response) adds 0 with weight 0 instead of the NaN of an empty mean
         self.val_loss.update(total / n_tokens.clamp(min=1), weight=n_tokens)
         self.val_acc.update(logits.flatten(0, 1), labels.flatten())
         self.val_tokens.update(n_tokens)
 
+    def _token_bytes_on(self, device: torch.device) -> torch.Tensor:
+        """The bytes table on ``device``, as long as the model's vocabulary (padded ids stand for no text)."""
+        table = self.token_bytes
+        if table.device != device or table.numel() < self.config.vocab_size:
+            padded = torch.zeros(max(self.config.vocab_size, table.numel()), dtype=torch.int64, device=device)
+            padded[: table.numel()] = table.to(device)
+            self.token_bytes = table = padded
+        return table
+
     def validation_metrics(self) -> dict[str, Any]:
-        """Loss per labelled token, perplexity (its exponential), next-token accuracy and the tokens counted."""
+        """Loss per labelled token, perplexity (its exponential), next-token accuracy and the tokens counted;
+        bits per byte of text when the bytes per token are known."""
         loss = float(self.val_loss.compute())
-        return {
+        results = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 700.0)),  # a float64 exponential, finite for any loss a model has
             "accuracy": float(self.val_acc.compute()),
             "tokens": int(self.val_tokens.compute()),
         }
+        if self.token_bytes is not None:
+            text_bytes = float(self.val_text_bytes.compute())
+            results["bpb"] = float(self.val_text_nats.compute()) / (math.log(2) * text_bytes) if text_bytes else None
+            results["bytes"] = int(text_bytes)
+        return results
 
     def on_validation_epoch_end(self) -> None:
         self.validation_results = results = self.validation_metrics()
-        self.log_dict(
-            {"val/loss": results["loss"], "val/ppl": results["perplexity"], "val/acc": results["accuracy"]},
-            prog_bar=True,
-            sync_dist=False,  # torchmetrics already reduced across ranks
-        )
-        for metric in (self.val_loss, self.val_acc, self.val_tokens):
+        logged = {"val/loss": results["loss"], "val/ppl": results["perplexity"], "val/acc": results["accuracy"]}
+        if results.get("bpb") is not None:
+            logged["val/bpb"] = results["bpb"]
+        self.log_dict(logged, prog_bar=True, sync_dist=False)  # torchmetrics already reduced across ranks
+        for metric in (self.val_loss, self.val_acc, self.val_tokens, self.val_text_nats, self.val_text_bytes):
             metric.reset()
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from datamodules import encoding, shards
-from datamodules.corpus import CorpusSettings, cache_key, prepare_corpus, split_documents
+from datamodules.cache import cache_key
+from datamodules.corpus import CorpusSettings, prepare_corpus, split_documents
 from datamodules.dataset import TokenWindows
 from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
 from datamodules.tokenizer import train_tokenizer
@@ -319,3 +320,87 @@ def test_unguarded_script_with_workers_falls_back_instead_of_hanging(tmp_path, p
         CorpusSettings(paths=[str(src)], vocab_size=400, cleaning=[{"name": "whitespace"}]), tmp_path / "ref"
     )
     assert proc.stdout.split() == ["processes", "1", "tokens", str(reference.n_train + reference.n_val)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# val_paths: a held-out set of its own
+
+
+def test_val_paths_are_the_val_split(tmp_path, paragraphs):
+    train_docs, val_docs = paragraphs[:40], [*paragraphs[40:50], paragraphs[0]]  # the last is also in train
+    src = write_jsonl(tmp_path / "train.jsonl", train_docs)
+    held = write_jsonl(tmp_path / "held.jsonl", [*val_docs, paragraphs[41]])  # a duplicate within val too
+    rules = [{"name": "whitespace"}, {"name": "dedup"}]
+    corpus = prepare_corpus(settings(src, val_paths=[str(held)], cleaning=rules), tmp_path / "cache")
+    rep, tok, eos = corpus.report, corpus.tokenizer, corpus.report["tokenizer"]["eos_id"]
+    # train is all of data.paths, val exactly the (cleaned, deduplicated) documents of data.val_paths, in order
+    assert [tok.decode(s) for s in segments(np.asarray(corpus.tokens("train")), eos)] == train_docs
+    assert [tok.decode(s) for s in segments(np.asarray(corpus.tokens("val")), eos)] == val_docs
+    assert rep["split"] == {
+        "train_documents": 40,
+        "val_documents": 11,
+        "val_split": "data.val_paths",
+        "val_fraction": None,
+        "seed": 7,
+        "val_in_train": 1,  # dedup is per split: contamination is kept, and counted
+    }
+    assert rep["documents"] == {"read": 40, "kept": 40, "dropped": 0}
+    assert rep["sources"]["files"] == 1 and rep["sources"]["bytes"] == src.stat().st_size
+    assert rep["val"]["documents"] == {"read": 12, "kept": 11, "dropped": 1}
+    assert rep["val"]["rules"]["dedup"]["dropped"] == 1
+    assert rep["val"]["sources"] == {
+        "paths": [str(held)],
+        "files": 1,
+        "bytes": held.stat().st_size,
+        "empty_files": 0,
+        "skipped_files": 0,
+    }
+    # the tokenizer is trained on data.paths alone
+    assert rep["tokenizer"]["trained_on_bytes"] == sum(len(d.encode()) for d in train_docs)
+    assert rep["tokens"] == {"train": corpus.n_train, "val": corpus.n_val}
+
+
+def test_tokenizer_not_trained_on_val_paths(tmp_path):
+    src = write_jsonl(tmp_path / "train.jsonl", ["abab " * 200])
+    held = write_jsonl(tmp_path / "held.jsonl", ["xyxy " * 200])
+    corpus = prepare_corpus(settings(src, val_paths=[str(held)]), tmp_path / "cache")
+    assert corpus.tokenizer.token_to_id("Ġxyxy") is None and corpus.tokenizer.token_to_id("xyxy") is None
+    assert corpus.tokenizer.token_to_id("Ġabab") is not None  # (the check can fail: the train word is one token)
+
+
+def test_val_paths_cache_key(tmp_path, paragraphs):
+    src = write_jsonl(tmp_path / "train.jsonl", paragraphs[:40])
+    held = write_jsonl(tmp_path / "held.jsonl", paragraphs[40:50])
+    cache = tmp_path / "cache"
+    first = prepare_corpus(settings(src, val_paths=[str(held)]), cache)
+    assert prepare_corpus(settings(src, val_paths=[str(held)]), cache).report["cache"]["hit"] is True
+    fraction = prepare_corpus(settings(src), cache)
+    assert fraction.report["cache"]["key"] != first.report["cache"]["key"]
+    assert fraction.report["split"]["val_split"] == "data.val_fraction=0.1 (seed 7)"
+    assert fraction.report["split"]["val_in_train"] is None and "val" not in fraction.report
+    write_jsonl(held, paragraphs[40:51])  # the val file changes: a rebuild
+    changed = prepare_corpus(settings(src, val_paths=[str(held)]), cache)
+    assert changed.report["cache"]["hit"] is False and changed.report["split"]["val_documents"] == 11
+    key = cache_key([src], settings(src, val_paths=[str(held)]), [held])
+    assert key == changed.report["cache"]["key"] != first.report["cache"]["key"]
+
+
+def test_val_paths_only(tmp_path, paragraphs):
+    """No train sources (evaluation): the val split alone, with a given tokenizer."""
+    src = write_jsonl(tmp_path / "train.jsonl", paragraphs[:40])
+    tok_file = tmp_path / "tok.json"
+    prepare_corpus(settings(src), tmp_path / "cache").tokenizer.save(str(tok_file))
+    held = write_jsonl(tmp_path / "held.jsonl", paragraphs[40:50])
+    corpus = prepare_corpus(settings(src, paths=[], val_paths=[str(held)], tokenizer=str(tok_file)), tmp_path / "c")
+    assert corpus.n_train == 0 and corpus.report["split"]["val_documents"] == 10
+    assert corpus.report["sources"]["files"] == 0 and corpus.report["val"]["documents"]["kept"] == 10
+    with pytest.raises(DataError, match=r"no train documents to train a tokenizer on.*data\.tokenizer"):
+        prepare_corpus(settings(src, paths=[], val_paths=[str(held)]), tmp_path / "c")
+    with pytest.raises(DataError, match=r"data\.val_paths: the glob .* matches no file"):
+        prepare_corpus(settings(src, val_paths=[str(tmp_path / "*.nothing")]), tmp_path / "c")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"data\.val_paths: no readable files"):
+        prepare_corpus(settings(src, val_paths=[str(tmp_path / "empty")]), tmp_path / "c")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match=r"data\.val_paths: no documents in"):
+        prepare_corpus(settings(src, val_paths=[str(tmp_path / "empty.txt")]), tmp_path / "c")

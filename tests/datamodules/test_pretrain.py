@@ -440,3 +440,112 @@ def test_worker_processes_load_the_same_batches(small_src, tmp_path):
     workers = [next(it)["input_ids"] for _ in range(5)]
     it._shutdown_workers()  # now: persistent workers left prefetching stall whichever test collects them
     assert all(torch.equal(a, b) for a, b in zip(main, workers))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data.val_paths: a held-out set, evaluated whole
+
+
+def test_val_tail_window_is_padded_and_ignored(tmp_path):
+    path = tmp_path / "t.bin"
+    np.arange(11, dtype=np.uint16).tofile(path)
+    ds = TokenWindows(path, "uint16", 11, seq_len=3, tail=True, pad_id=99)
+    assert len(ds) == 4  # windows at 0, 3, 6, and the tail at 9 (tokens 9, 10)
+    assert ds[3]["input_ids"].tolist() == [9, 99, 99] and ds[3]["labels"].tolist() == [10, -100, -100]
+    labels = torch.cat([ds[i]["labels"] for i in range(len(ds))])
+    assert labels[labels != -100].tolist() == list(range(1, 11))  # every token but the first a label once
+    assert len(TokenWindows(path, "uint16", 10, seq_len=3, tail=True)) == 3  # no tail when the windows fit
+
+
+def _held_out(tmp_path: Path) -> tuple[Path, Path]:
+    paras = [p for _, p in zip(range(400), read_file(EMBEDDED_CORPUS, split_paragraphs=True))]
+    train, held = tmp_path / "train.txt", tmp_path / "held.txt"
+    train.write_text("\n\n".join(paras[:300]), encoding="utf-8")
+    held.write_text("\n\n".join(paras[300:]), encoding="utf-8")
+    return train, held
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_val_paths_evaluated_whole_over_ranks(tmp_path, monkeypatch, world):
+    train, held = _held_out(tmp_path)
+    dm = small_dm(train, tmp_path / "cache", val_paths=[str(held)])
+    dm.prepare()
+    dm.tokenizer.save(str(tmp_path / "tok.json"))
+    whole = small_dm(train, tmp_path / "cache", val_fraction=0.5, tokenizer=str(tmp_path / "tok.json"))
+    whole.prepare()  # (data.paths split in two, with the same tokenizer: what it holds in all)
+    rep = dm.report
+    assert rep["split"]["train_documents"] == whole.report["documents"]["kept"] == rep["documents"]["kept"]
+    assert rep["split"]["val_documents"] == rep["val"]["documents"]["kept"] > 50
+    assert rep["split"]["val_split"] == "data.val_paths" and rep["split"]["val_in_train"] == 0
+    assert rep["tokens"]["train"] == sum(whole.report["tokens"].values())  # nothing of data.paths held out
+    n_val = rep["tokens"]["val"]
+    assert (n_val - 1) % dm.seq_len != 0  # (a tail window)
+
+    class FakeTrainer:
+        def __init__(self, rank: int) -> None:
+            self.global_rank, self.world_size = rank, world
+
+    per_rank = []
+    for rank in range(world):
+        monkeypatch.setattr(dm, "trainer", FakeTrainer(rank))
+        batches = list(dm.val_dataloader())
+        assert all(b["labels"].shape == b["input_ids"].shape == (dm.batch_size, dm.seq_len) for b in batches[:-1])
+        per_rank.append(torch.cat([b["labels"] for b in batches]))
+    monkeypatch.undo()
+    assert len({len(w) for w in per_rank}) == 1  # every rank runs as many windows (a sharded model needs it)
+    # rank r has windows r, r + world, ...: interleaved, they are the stream's labels, each once
+    windows = torch.stack(per_rank, 1).flatten(0, 1)
+    labels = windows[windows != -100]
+    stream = torch.from_numpy(np.asarray(dm.corpus.tokens("val")).astype(np.int64))
+    assert len(labels) == n_val - 1 and (labels == stream[1:]).all()
+
+
+def test_val_paths_tokenizer_and_eval_only(tmp_path):
+    train, held = _held_out(tmp_path)
+    dm = small_dm(train, tmp_path / "cache", val_paths=[str(held)])
+    dm.prepare()
+    held_bytes = held.read_text(encoding="utf-8").encode()
+    assert dm.report["tokenizer"]["trained_on_bytes"] < len(train.read_bytes())  # data.paths alone
+    assert dm.report["val"]["sources"]["bytes"] == len(held_bytes)
+    tok = tmp_path / "tok.json"
+    dm.tokenizer.save(str(tok))
+    # evaluation only: data.paths is not read (it may not even exist), no train split is needed
+    ev = small_dm(tmp_path / "gone.txt", tmp_path / "cache", val_paths=[str(held)], tokenizer=str(tok), train=False)
+    ev.prepare()
+    assert ev.report["tokens"] == {"train": 0, "val": dm.report["tokens"]["val"]}
+    assert len(ev.val_dataset) == len(dm.val_dataset)
+    with pytest.raises(DataError, match=r"data\.train=false") as e:
+        ev.train_dataloader()
+    assert "\n" not in str(e.value)
+    # training with too little in data.paths is refused, naming the setting
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("A single short paragraph, long enough to be kept by the cleaning rules.", encoding="utf-8")
+    with pytest.raises(DataError, match=r"only \d+ training tokens in data\.paths") as e:
+        small_dm(tiny, tmp_path / "cache", val_paths=[str(held)], tokenizer=str(tok), seq_len=512).prepare()
+    assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="data.val_paths is empty"):
+        PretrainDataModule(val_paths=[])
+
+
+def test_eval_of_a_text_file_whole(tmp_path, data_cache):
+    """`experiment=eval data=text data.paths=[held_out.txt]`: the file is the val split, measured whole."""
+    import train as train_py
+    from tests.conftest import TINY, compose_config
+
+    run = tmp_path / "pretrain"
+    train_py.train(compose_config(TINY, run_dir=run, cache_dir=data_cache))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be " * 3
+    held = tmp_path / "held_out.txt"
+    held.write_text(text.strip(), encoding="utf-8")  # one document, already clean
+    ev = tmp_path / "eval"
+    overrides = ["experiment=eval", f"init_from={ckpt}", "data=text", f"data.paths=[{held}]", "data.seq_len=32"]
+    train_py.train(compose_config([*overrides, "data.batch_size=4", "trainer.accelerator=cpu"], run_dir=ev))
+    result = json.loads((ev / "eval.json").read_text())
+    tok = Tokenizer.from_file(str(ev / "tokenizer.json"))
+    n_tokens = len(tok.encode(text.strip(), add_special_tokens=False).ids) + 2  # BOS document EOS
+    assert n_tokens > 3 * 33  # several windows and a tail
+    assert result["data"]["tokens"] == n_tokens
+    assert result["metrics"]["tokens"] == n_tokens - 1  # every token but the first predicted, once
+    report = json.loads((ev / "data_report.json").read_text())
+    assert report["split"]["val_split"] == "data.val_paths" and report["tokens"]["train"] == 0

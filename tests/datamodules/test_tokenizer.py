@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from datamodules.sources import EMBEDDED_CORPUS, DataError, read_file
-from datamodules.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from datamodules.tokenizer import load_tokenizer, special_ids, token_bytes, train_tokenizer
 
 SANGUO = Path(__file__).resolve().parents[1] / "data" / "sanguo_yanyi_sample.jsonl"  # six chapters, see tests/data
 
@@ -147,3 +147,19 @@ def test_directory_without_tokenizer_json(tmp_path):
     with pytest.raises(DataError, match=rf"data\.tokenizer={tmp_path}: the directory has no tokenizer\.json") as e:
         load_tokenizer(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_token_bytes_add_up_to_the_text(en_tok, english, chinese):
+    """Bits per byte's denominator: a text's tokens (BOS included) stand for exactly its UTF-8 bytes."""
+    table = token_bytes(en_tok)
+    assert table.shape == (en_tok.get_vocab_size(),) and table[:3].tolist() == [0, 0, 0]  # special tokens: no text
+    mixed = "  leading spaces, tabs\t\tand CRLF\r\n中文 ёжик — “quotes” 🙂👍🏽 \u200d end  "
+    for text in [*english[500:520], chinese[0], mixed]:  # English merges; Chinese and emoji split inside characters
+        ids = en_tok.encode(text).ids
+        assert table[ids].sum() == len(text.encode("utf-8"))
+
+
+def test_token_bytes_of_a_sentencepiece_style_vocabulary():
+    tok = Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "<0x0A>": 2, "\u2581the": 3, "é": 4}, merges=[]))
+    tok.add_special_tokens(["<s>", "</s>"])
+    assert token_bytes(tok).tolist() == [0, 0, 1, 4, 2]  # byte fallback: 1; "▁the": " the"; "é": 2 bytes

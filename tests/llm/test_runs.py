@@ -64,7 +64,12 @@ LOSSES = {
 @pytest.fixture
 def sweep(tmp_path) -> Path:
     root = tmp_path / "sweep"
-    make_run(root / "0", ["optim.lr=1e-3"], config(1e-3), status={"status": "ok", "val_loss": 6.1, "wall_s": 65})
+    make_run(
+        root / "0",
+        ["optim.lr=1e-3"],
+        config(1e-3),
+        status={"status": "ok", "val_loss": 6.1, "val_bpb": 2.25, "wall_s": 65},
+    )
     make_run(
         root / "10",
         ["optim.lr=3e-3", "model=small"],
@@ -90,6 +95,7 @@ def test_find_runs_recursively_in_natural_order(sweep):
 def test_load_run_reads_status_and_events(sweep):
     ok, failed = runs.load_run(sweep / "0"), runs.load_run(sweep / "10")
     assert (ok.status, ok.val_loss, ok.wall_s, ok.status_text) == ("ok", 6.1, 65, "ok")
+    assert ok.val_bpb == 2.25 and runs.load_run(sweep / "2").val_bpb is None  # from status.json; none logged
     assert failed.status_text == "failed: model: n_heads must divide dim"
 
     killed = runs.load_run(sweep / "2")
@@ -128,11 +134,11 @@ def test_summarize_prints_the_table_and_writes_the_plot(sweep, tmp_path):
     lines = text.splitlines()
     assert lines[0] == f"4 runs under {sweep.resolve()}"
     header = lines[2].split()
-    assert header == ["#", "run", "optim.lr", "model", "val/loss", "tok/s", "wall", "steps", "status"]
+    assert header == ["#", "run", "optim.lr", "model", "val/loss", "val/bpb", "tok/s", "wall", "steps", "status"]
     rows = {line.split()[1]: line for line in lines[3:7]}
-    assert rows["0"].split()[2:] == ["0.001", "tiny", "6.1000", "-", "1m05s", "-", "ok"]
+    assert rows["0"].split()[2:] == ["0.001", "tiny", "6.1000", "2.2500", "-", "1m05s", "-", "ok"]
     assert rows["10"].endswith("failed: model: n_heads must divide dim")
-    assert rows["2"].split()[4:8] == ["6.2000", "200", "0s", "4"]
+    assert rows["2"].split()[4:9] == ["6.2000", "-", "200", "0s", "4"]
     assert rows["3"].split()[4] == "6.7000" and rows["3"].endswith("running")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = matplotlib.image.imread(plot)[..., :3]  # floats in 0..1

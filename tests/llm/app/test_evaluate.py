@@ -154,3 +154,19 @@ def test_limit_and_placement(tmp_path):
     assert trainer.strategy.root_device.type == "cpu" and trainer.num_devices == 1
     assert trainer.precision == "bf16-mixed"  # the run's precision, as training's validation runs under
     assert trainer.logger is None and trainer.checkpoint_callback is None
+
+
+def test_bits_per_byte_by_hand(tmp_path):
+    """val/bpb: the loss of the tokens that stand for text over ln 2 x their UTF-8 bytes; a special token (id 0
+    here, 0 bytes) counts in neither sum, padding (-100) in none at all."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [5.0, 5.0, 5.0]]])
+    labels = torch.tensor([[0, 2, 1, -100]])
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": labels}
+    module = FixedLM(logits)
+    module.token_bytes = torch.tensor([0, 3, 2])  # id 0: a special token; id 1: 3 bytes; id 2: 2 bytes
+    m = evaluate(module, [batch], tmp_path)
+    nll_2 = -math.log(1 / (math.e + 2))  # position 1, label 2 (2 bytes)
+    nll_1 = -math.log(1 / (math.e**3 + 2))  # position 2, label 1 (3 bytes)
+    assert m["bpb"] == pytest.approx((nll_2 + nll_1) / (math.log(2) * 5), rel=1e-6)
+    assert m["bytes"] == 5 and m["tokens"] == 3  # the loss still counts the special token's prediction
+    assert "bpb" not in evaluate(FixedLM(logits), [batch], tmp_path)  # no bytes table (a bare module): no bpb

@@ -56,3 +56,14 @@ def test_experiment_settings_are_typed_and_checked():
 def test_unknown_precision_is_named():
     with pytest.raises(UserError, match="trainer.precision='8-true' is not one of auto"):
         resolve(compose_config(["trainer.accelerator=cpu", "trainer.precision=8-true"]))
+
+
+def test_a_held_out_set_is_validated_whole_unless_asked_otherwise(tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("A held-out text.\n")
+    base = ["trainer.accelerator=cpu", "data=text", f"data.paths=[{held_out}]"]
+    assert resolve(compose_config(base)).limit_val_batches == 20  # the trainer's default: a sample of the split
+    with_val = [*base, f"data.val_paths=[{held_out}]"]
+    assert resolve(compose_config(with_val)).trainer_arguments()["limit_val_batches"] == 1.0
+    asked = [*with_val, "trainer.limit_val_batches=3"]
+    assert resolve(compose_config(asked), overrides=asked).limit_val_batches == 3
