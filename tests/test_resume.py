@@ -271,3 +271,23 @@ def test_resume_with_compile_on_is_the_same_model(tiny_cfg):
     assert math.isfinite(train.train(resumed))
     ckpt = torch.load(Path(resumed.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["model"]["compile"] is True
+
+
+@pytest.mark.slow
+def test_annealing_a_stable_phase_checkpoint_is_one_command(tmp_path, data_cache):
+    """sched=wsd: the stable phase of a run continued by its decay alone, from a checkpoint, in a new run."""
+    stable = [*TINY, "callbacks.samples=null", "sched=wsd", "sched.warmup_steps=0", "sched.decay_steps=0"]
+    train.train(compose_config([*stable, "trainer.max_steps=4"], run_dir=tmp_path / "stable", cache_dir=data_cache))
+    ckpt = tmp_path / "stable" / "checkpoints" / "last.ckpt"
+    anneal = [*stable[:-1], "trainer.max_steps=8", "sched.decay_steps=4", f"ckpt_path={ckpt}"]
+    train.train(compose_config(anneal, run_dir=tmp_path / "anneal", cache_dir=data_cache))
+
+    acc = EventAccumulator(str(tmp_path / "anneal" / "tensorboard"))
+    acc.Reload()
+    lr = {e.step: e.value for e in acc.Scalars("lr-AdamW/pg1")}
+    peak = compose_config([]).optim.lr
+    min_lr = compose_config(["sched=wsd"]).sched.min_lr
+    # steps 4..7 decay linearly from the peak (progress 0, 1/4, 2/4, 3/4), reaching min_lr after the last step
+    expected = [min_lr + (peak - min_lr) * (1 - i / 4) for i in range(4)]
+    assert [lr[s] for s in range(4, 8)] == pytest.approx(expected, rel=1e-5)
+    assert torch.load(tmp_path / "anneal" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8

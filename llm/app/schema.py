@@ -149,6 +149,7 @@ GROUP_TARGETS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "optim": ("torch.optim.AdamW", True, ("params",)),
     "sched": ("llm.core.schedule.WarmupCosine", True, ("optimizer", "max_steps")),
 }
+SCHED_TARGETS = ("llm.core.schedule.WarmupLinear", "llm.core.schedule.WarmupStableDecay")
 DATA_TARGETS = (
     "datamodules.pretrain.PretrainDataModule",
     "datamodules.sft.SFTDataModule",
@@ -168,6 +169,10 @@ def register() -> None:
     for target in DATA_TARGETS:
         short = target.rpartition(".")[2]
         cs.store(group="data", name=f"schema_{short}", node=schema_for(target, extra=DATA_RUN_KEYS))
+    for target in SCHED_TARGETS:  # the other schedules (cosine is the group's `schema`)
+        short = target.rpartition(".")[2]
+        node = schema_for(target, partial=True, skip=("optimizer", "max_steps"))
+        cs.store(group="sched", name=f"schema_{short}", node=node)
 
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the repository's conf/, as train.py composes it

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llm.core.schedule import WarmupCosine
+from llm.core.schedule import WarmupCosine, WarmupLinear, WarmupStableDecay
 from llm.errors import UserError
 
 
@@ -54,3 +54,43 @@ def test_bad_settings_are_named(kwargs, message):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(UserError, match=message):
         WarmupCosine(optimizer, **{"max_steps": 10, **kwargs})
+
+
+def lrs_of(schedule_cls, steps: int = 20, **kwargs) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = schedule_cls(optimizer, **kwargs)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return seen
+
+
+def test_linear_decay_at_exact_steps():
+    lr = lrs_of(WarmupLinear, max_steps=12, warmup_steps=2, min_lr=0.0)
+    assert lr[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lr[7] == pytest.approx(0.5) and lr[12] == pytest.approx(0.0)  # halfway from step 2 to step 12
+
+
+@pytest.mark.parametrize(
+    ("shape", "halfway"), [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))], ids=str
+)
+def test_wsd_holds_the_peak_then_decays(shape, halfway):
+    # 20 steps: warm-up 2, stable until step 16, decay over the last 4 (decay_fraction 0.2) to the floor 0.1
+    lr = lrs_of(WarmupStableDecay, steps=21, max_steps=20, warmup_steps=2, min_lr=0.1, decay_shape=shape)
+    assert lr[:2] == pytest.approx([1 / 3, 2 / 3])
+    assert lr[2:17] == pytest.approx([1.0] * 15)  # the stable phase: the peak, whatever the run's length
+    assert lr[18] == pytest.approx(0.1 + 0.9 * halfway)
+    assert lr[20] == pytest.approx(0.1)
+
+
+def test_wsd_decay_steps_win_over_the_fraction_and_are_checked():
+    lr = lrs_of(WarmupStableDecay, max_steps=10, warmup_steps=0, decay_steps=2, decay_fraction=0.9)
+    # the decay starts at step 8 (10 - 2) from the peak and reaches the floor at step 10
+    assert lr[:10] == pytest.approx([1.0] * 9 + [0.5]) and lr[10] == pytest.approx(0.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(UserError, match="sched.decay_steps=11 must be in"):
+        WarmupStableDecay(optimizer, max_steps=10, warmup_steps=0, decay_steps=11)
+    with pytest.raises(UserError, match="sched.decay_shape='exp' is not one of linear, cosine, 1-sqrt"):
+        WarmupStableDecay(optimizer, max_steps=10, decay_shape="exp")
