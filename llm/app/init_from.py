@@ -9,7 +9,6 @@ line to another value is an error. Training settings (``model.dropout``, ``model
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from llm.core.config import ModelConfig
 from llm.errors import UserError
 from llm.training import checkpoint
-from llm.training.checkpoint import SHAPE_KEYS
+from llm.training.checkpoint import SHAPE_KEYS, same_value
 
 RUN_KEYS = ("dropout", "compile")  # training settings: always the run's
 
@@ -76,14 +75,6 @@ def explicit_model_keys(overrides: Iterable[str]) -> dict[str, str]:
     return keys
 
 
-def _same(asked: Any, saved: Any) -> bool:
-    if isinstance(asked, Mapping) or isinstance(saved, Mapping):
-        return dict(asked or {}) == dict(saved or {})
-    if isinstance(asked, float) or isinstance(saved, float):
-        return math.isclose(float(asked), float(saved), rel_tol=1e-9)
-    return asked == saved
-
-
 def merge_model(asked: Mapping[str, Any], saved: ModelConfig, explicit: Mapping[str, str], path: str) -> ModelConfig:
     """The checkpoint's model with the run's training settings; an explicit contradicting shape key is an error.
 
@@ -91,7 +82,7 @@ def merge_model(asked: Mapping[str, Any], saved: ModelConfig, explicit: Mapping[
     """
     for key in SHAPE_KEYS:
         value = asked.get(key)
-        if key in explicit and value is not None and not _same(value, getattr(saved, key)):
+        if key in explicit and value is not None and not same_value(value, getattr(saved, key)):
             via = explicit[key] if explicit[key].split("=", 1)[0].lstrip("+~") == "model" else f"model.{key}={value}"
             raise UserError(
                 f"{via} contradicts init_from={path}, whose model.{key}={getattr(saved, key)}: with init_from the"

@@ -16,6 +16,7 @@ precision, and ``init_from`` takes the shape from the checkpoint.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -160,14 +161,20 @@ def shape_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     return [
         f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
         for k in SHAPE_KEYS
-        if _normalised(saved.get(k)) != _normalised(current.get(k))
+        if not same_value(saved.get(k), current.get(k))
     ]
 
 
-def _normalised(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _normalised(v) for k, v in value.items()}
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two config values mean the same: numbers compared as floats (10000 == 10000.0, to 1e-9 relative),
+    dicts key by key (an OmegaConf node equals its plain dict)."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        a, b = dict(a or {}), dict(b or {})
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
