@@ -66,7 +66,7 @@ def run(cfg: DictConfig) -> Outcome:
         logger=build_all(cfg.logger),
         plugins=[AtomicCheckpointIO()],
     )
-    check_resume(spec.ckpt_path, module.config)
+    check_resume(spec.ckpt_path, module.config, module.adapter, module.adapter_base)
     try:
         if spec.ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
             trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -1,6 +1,7 @@
-"""Training throughput on one GPU: the `1b` config and a 7b-width model, under trainer=fsdp and trainer=gpu.
+"""Training throughput on one GPU: the `1b` config and a 7b-width model, under trainer=fsdp and trainer=gpu, and
+the 7b width with LoRA and QLoRA adapters.
 
-    python bench/gpu.py [--runs 1b:fsdp 1b:gpu 7b:fsdp 7b:gpu] [--seq-len 2048] [--batch 1] [--steps 10 --warmup 3]
+    python bench/gpu.py [--runs 1b:fsdp 1b:gpu 7b:fsdp 7b:gpu 7b:lora 7b:qlora] [--seq-len 2048] [--batch 1] [--steps 10 --warmup 3]
                         [--layers N] [--no-compile] [--sdpa] [--out results.json] [--set KEY=VALUE ...]
     python bench/gpu.py --device cpu --tiny        # the same code paths on the CPU, on a tiny model, in a minute
 
@@ -8,7 +9,9 @@ A run is MODEL:TRAINER. MODEL ``1b`` is conf/model/1b.yaml; ``7b`` is conf/model
 11008, 32 heads, vocabulary 32000) with as many layers as the memory planner (llm/core/memory.py, on the run as
 llm/app/spec.py resolves it) says fit in 90% of the device's memory for that trainer (``--layers`` to choose).
 TRAINER ``fsdp`` is trainer=fsdp on one device (FSDP2, bf16 compute / fp32 reduce) with activation checkpointing;
-``gpu`` is trainer=gpu (one device, bf16-mixed autocast; it has no activation checkpointing). Both: bf16,
+``gpu`` is trainer=gpu (one device, bf16-mixed autocast; it has no activation checkpointing); ``lora`` and
+``qlora`` are trainer=gpu with rank-16 adapters on every projection and the base frozen (bf16; NF4 for QLoRA),
+their MFU counted with 4N FLOPs per token (no weight gradients). All: bf16,
 ``model.compile=true`` (each block compiled), data=corpus (the embedded corpus, its tokenizer; the model keeps its
 own vocabulary size), ``data.seq_len`` 2048, no validation. Each run is composed and resolved once as train.py does
 it (``resolve`` in llm/app/spec.py: its precision and gradient accumulation), its DataModule and module built by
@@ -44,7 +47,10 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("1b", "7b")
-TRAINERS = ("fsdp", "gpu")
+TRAINERS = ("fsdp", "gpu", "lora", "qlora")
+DEFAULT_RUNS = ("1b:fsdp", "1b:gpu", "7b:fsdp", "7b:gpu", "7b:lora", "7b:qlora")
+# adapter runs: the base frozen, rank-16 adapters on every projection (QLoRA: the base in NF4)
+ADAPTERS = {"lora": {"rank": 16, "alpha": 32.0}, "qlora": {"rank": 16, "alpha": 32.0, "quantize": "nf4"}}
 FIT_FRACTION = 0.9  # of device memory the planner may fill when choosing the 7b-width layer count
 
 
@@ -57,7 +63,7 @@ def overrides_of(run: dict[str, Any]) -> list[str]:
     out = [f"model={'tiny' if run['tiny'] else model}"]
     if trainer == "fsdp":
         out += ["trainer=fsdp", "trainer.devices=1", "trainer.strategy.activation_checkpointing=true"]
-    else:
+    else:  # gpu, lora, qlora: one device (the adapter is added in `with_adapter`: it has no init_from to train on)
         out += ["trainer=gpu"]
     if run["device"] == "cpu":
         out += ["trainer.accelerator=cpu"]
@@ -84,13 +90,25 @@ def fitting_layers(run: dict[str, Any], vocab_size: int, memory: int) -> int:
     best = 0
     for layers in range(1, run["max_layers"] + 1):
         overrides = [*base, f"model.n_layers={layers}", f"plan.device_memory_gb={memory / 1e9}"]
-        spec = resolve(schema.compose(overrides), overrides=overrides)
+        spec = with_adapter(resolve(schema.compose(overrides), overrides=overrides), run)
         if memory_plan(spec, vocab_size=vocab_size).total > FIT_FRACTION * memory:
             break
         best = layers
     if best == 0:
         raise SystemExit(f"error: not even one layer of {run['model']} fits {memory / 1e9:.1f} GB by the planner")
     return best
+
+
+def with_adapter(spec: Any, run: dict[str, Any]) -> Any:
+    """The resolved run with the adapter of a lora / qlora run: randomly initialised base weights stand in for
+    init_from's (the speed and memory of a step do not depend on their values)."""
+    if run["trainer"] not in ADAPTERS:
+        return spec
+    import dataclasses
+
+    from llm.core.lora import LoRAConfig
+
+    return dataclasses.replace(spec, adapter=LoRAConfig(**ADAPTERS[run["trainer"]]))
 
 
 def child(run: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +141,7 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
             layers = fitting_layers(run, dm.vocab_size, memory)
         if layers is not None:  # the same data: only the model's depth differs
             spec = train_cpu.run_spec([*overrides, f"model.n_layers={layers}"], tmp, base=())
+        spec = with_adapter(spec, run)
         planned = memory_plan(spec, vocab_size=dm.vocab_size)
         model_cfg = spec.experiment.model_config(spec, dm)
 
@@ -169,6 +188,8 @@ def child(run: dict[str, Any]) -> dict[str, Any]:
     seconds = marks["end"] - marks["begin"]
     tokens_per_sec = steps * run["batch"] * run["seq_len"] / seconds  # the timer counts batches (micro-batches)
     fpt = flops_per_token(model_cfg, run["seq_len"])
+    if run["trainer"] in ADAPTERS:  # frozen weights: no weight-gradient matmuls, 4N of the 6N per token
+        fpt = fpt * 2 / 3
     peak = peak_flops(device, "bf16-mixed")
     return {
         **run,
@@ -254,7 +275,7 @@ def _count(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--runs", nargs="+", default=[f"{m}:{t}" for m in MODELS for t in TRAINERS], help="MODEL:TRAINER"
+        "--runs", nargs="+", default=None, help=f"MODEL:TRAINER (default {' '.join(DEFAULT_RUNS)})"
     )
     parser.add_argument("--seq-len", type=int, default=None, help="default 2048 (128 with --tiny)")
     parser.add_argument("--batch", type=int, default=1, help="micro-batch, sequences")
@@ -283,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(sdpa_check(job["device"], shapes, job["seq_len"], job["batch"])))
         return 0
 
+    if args.runs is None:  # QLoRA needs bitsandbytes (its NF4 layer also runs on the CPU)
+        import importlib.util
+
+        have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+        args.runs = [r for r in DEFAULT_RUNS if have_bnb or not r.endswith("qlora")]
     runs = []
     for spec in args.runs:
         model, _, trainer = spec.partition(":")

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import PreparedDataModule
+from datamodules.order import ResumableOrder, own_generator
 from datamodules.sources import DataError, SourceStats, file_format, find_files, read_records, unread
 from datamodules.tokenizer import load_tokenizer, special_ids
 
@@ -75,7 +76,7 @@ def _plain(value: Any) -> Any:
     return [str(v) for v in value]
 
 
-class ExampleDataModule(PreparedDataModule):
+class ExampleDataModule(ResumableOrder, PreparedDataModule):
     """What the example-based DataModules (SFT, classification) share: files, tokenizer, split, loaders, artefacts.
 
     Subclasses set ``kind`` and ``embedded`` (the example set used without ``data.paths``), read their rows in
@@ -232,17 +233,15 @@ class ExampleDataModule(PreparedDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if self.num_workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=generator,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        settings = {
+            "collate_fn": self._collate(),
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+        if train:  # shuffled per epoch, sharded over ranks, resumable mid-epoch (datamodules/order.py)
+            return self.train_loader(dataset, drop_last=False, **settings)  # small sets keep their last batch
+        return DataLoader(dataset, batch_size=self.batch_size, generator=own_generator(self.seed), **settings)
 
     def train_dataloader(self) -> DataLoader:
         self.prepare()

@@ -3,7 +3,7 @@
 ``prepare()`` does all the work (or loads it from the cache) and is safe to call more than once;
 ``train.py`` calls it before building the model, whose vocabulary follows the tokenizer. Train windows
 are shuffled per epoch and sharded over ranks by :class:`~datamodules.dataset.WindowSampler`, whose
-position is saved in checkpoints through :meth:`PretrainDataModule.state_dict`; val windows are fixed
+position is saved in checkpoints (:mod:`datamodules.order`); val windows are fixed
 and in order, and measure the val split whole: its last, shorter window is padded (labels ignored), and
 under several ranks each window is read by one rank exactly once (:class:`~datamodules.dataset.EvenWindows`).
 """
@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from datamodules.base import PreparedDataModule
 from datamodules.corpus import CorpusSettings, PackedCorpus, prepare_corpus
 from datamodules.dataset import EvenWindows, TokenWindows, WindowSampler
+from datamodules.order import ResumableOrder, own_generator
 from datamodules.sources import EMBEDDED_CORPUS, DataError
 from datamodules.tokenizer import special_ids
-from llm.runtime.topology import data_parallel_rank, process_rank
 
 
 def _plain(value: Any) -> Any:
@@ -36,25 +35,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class _ResumableLoader(DataLoader):
-    """The train DataLoader, marked resumable for Lightning (it has ``state_dict``/``load_state_dict``).
-
-    The state is the DataModule's own (the sampler position): Lightning saves it twice, in the
-    DataModule's and in the fit loop's entry of a checkpoint, and restoring either gives the same result.
-    Without the mark Lightning warns, wrongly, that a mid-epoch resume is unreliable.
-    """
-
-    datamodule: PretrainDataModule | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.state_dict() if self.datamodule is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.datamodule is not None:
-            self.datamodule.load_state_dict(state_dict)
-
-
-class PretrainDataModule(PreparedDataModule):
+class PretrainDataModule(ResumableOrder, PreparedDataModule):
     """Causal-LM pretraining data: batches of ``{"input_ids", "labels"}``, both ``(batch_size, seq_len)``.
 
     Args:
@@ -138,8 +119,6 @@ class PretrainDataModule(PreparedDataModule):
         self.save_hyperparameters(logger=False)
 
         self.corpus: PackedCorpus | None = None
-        self.train_sampler: WindowSampler | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------------
     # preparation
@@ -195,77 +174,38 @@ class PretrainDataModule(PreparedDataModule):
     # ------------------------------------------------------------------------------------------------
     # dataloaders
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return data_parallel_rank(trainer)
-        return process_rank()
-
-    def _loader(self, dataset: TokenWindows | EvenWindows, sampler: WindowSampler, train: bool) -> DataLoader:
+    def _loader_settings(self) -> dict[str, Any]:
         if self.num_workers > 0:
             # the tokenizer's threads were used in this process; workers only read the memory map
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        loader = (_ResumableLoader if train else DataLoader)(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=train,  # every train batch full; val keeps its last, partial batch
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-        if train:
-            loader.datamodule = self
-        return loader
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
 
     def train_dataloader(self) -> DataLoader:
         if not self.train:
             raise DataError("data.train=false prepares data for evaluation only: a training run needs data.train=true")
         self.prepare()
         assert self.train_dataset is not None
-        rank, world = self._rank_and_world()
-        self.train_sampler = WindowSampler(
-            self.train_dataset, shuffle=True, seed=self.seed, rank=rank, world_size=world
-        )
+        loader = self.train_loader(self.train_dataset, **self._loader_settings())
         if len(self.train_sampler) < self.batch_size:
             raise DataError(
-                f"{len(self.train_dataset)} train windows over {world} rank(s) are fewer than "
-                f"data.batch_size={self.batch_size}: lower data.batch_size or data.seq_len"
+                f"{len(self.train_dataset)} train windows over {self.train_sampler.num_replicas} rank(s) are fewer"
+                f" than data.batch_size={self.batch_size}: lower data.batch_size or data.seq_len"
             )
-        if self._pending_state is not None:
-            self.train_sampler.load_state_dict(self._pending_state)
-            self._pending_state = None
-        return self._loader(self.train_dataset, self.train_sampler, train=True)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         self.prepare()
         assert self.val_dataset is not None
-        rank, world = self._rank_and_world()
+        rank, world = self.rank_and_world()
         # every window once over the ranks: rank r reads windows r, r + world, ...; empty windows even them out
         dataset = self.val_dataset if world == 1 else EvenWindows(self.val_dataset, world)
         sampler = WindowSampler(dataset, shuffle=False, rank=rank, world_size=world)
-        return self._loader(dataset, sampler, train=False)
-
-    # ------------------------------------------------------------------------------------------------
-    # resumable position (Lightning stores it in checkpoints)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The train sampler's epoch and position (samples of the epoch's order consumed, all ranks)."""
-        if self.train_sampler is None:
-            return dict(self._pending_state or {})
-        state = self.train_sampler.state_dict()
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            # The sampler runs ahead of training (workers prefetch); count what the loop consumed instead.
-            # Lightning's counter includes batches before a resume, and restores the same count.
-            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["position"] = batches * self.batch_size * self.train_sampler.num_replicas
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.train_sampler is not None:
-            self.train_sampler.load_state_dict(state_dict)
-        else:
-            self._pending_state = dict(state_dict)
+        # val keeps its last, partial batch
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, generator=own_generator(self.seed),
+            **self._loader_settings(),
+        )  # fmt: skip

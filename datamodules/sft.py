@@ -24,10 +24,17 @@ template is kept with the tokenizer in the checkpoint, as a Jinja ``chat_templat
 
 Prompt and response pieces are encoded separately (so the mask is exact token by token) and concatenated;
 when the pieces meet at a newline, as in the default template, this is the same as encoding the whole text.
+
+With ``packing``, the examples of a split are packed into rows of at most ``seq_len`` tokens, once, by best-fit
+decreasing (:func:`pack_examples`), and the loader shuffles the rows (seeded). Packing once keeps the number of
+items fixed, so the sampler's position in a checkpoint and the split of rows over DDP ranks stay valid; re-packing
+each epoch would change both. The model's block-diagonal mask (``segments``) and positions restarting at 0 make
+each example's logits those of the example alone, so which examples share a row does not matter.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,13 +177,17 @@ class SFTDataset(Dataset):
         return self.examples[i]
 
 
+def inputs_and_labels(e: SFTExample) -> tuple[torch.Tensor, torch.Tensor]:
+    """An example of n tokens as n - 1 inputs and their labels: the next token where that token is trained, else
+    -100 (prompt tokens). Labels stay inside the example: its last input's label is its own last token."""
+    ids = torch.from_numpy(e.ids)
+    return ids[:-1], torch.where(torch.from_numpy(e.trained[1:]), ids[1:], IGNORE_INDEX)
+
+
 @dataclass
 class PadCollate:
-    """Causal-LM batches padded to the longest example of the batch: ``input_ids`` and shifted ``labels``.
-
-    An example of n tokens gives n - 1 inputs; a label is the next token where that token is trained, else
-    -100 (prompt tokens and padding).
-    """
+    """Causal-LM batches padded to the longest example of the batch: ``input_ids`` and shifted ``labels``
+    (-100 on prompt tokens and padding), (B, T)."""
 
     pad_id: int
 
@@ -186,10 +197,90 @@ class PadCollate:
         labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
         for i, e in enumerate(examples):
             n = len(e.ids) - 1
-            ids = torch.from_numpy(e.ids)
-            input_ids[i, :n] = ids[:-1]
-            labels[i, :n] = torch.where(torch.from_numpy(e.trained[1:]), ids[1:], IGNORE_INDEX)
+            input_ids[i, :n], labels[i, :n] = inputs_and_labels(e)
         return {"input_ids": input_ids, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------------- packing
+
+
+def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of example indices, each holding at most ``capacity`` tokens: best-fit decreasing.
+
+    Longest first, each example goes to the open row it fills the most (the one with the least room that still
+    holds it), else to a new row. Deterministic (ties keep index order). The row is found by bisecting the sorted
+    distinct room sizes (at most ``capacity`` of them), not by scanning every open row (a million examples: ~10 s).
+    """
+    rows: list[list[int]] = []
+    rooms: list[int] = []  # sorted distinct room sizes that some open row has
+    open_rows: dict[int, list[int]] = {}  # room -> the open rows with that much room
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if not 0 < n <= capacity:
+            raise ValueError(f"example {i} has {n} tokens, not in [1, {capacity}]")
+        j = bisect.bisect_left(rooms, n)
+        if j < len(rooms):
+            room = rooms[j]
+            r = open_rows[room].pop()
+            if not open_rows[room]:
+                del open_rows[room], rooms[j]
+        else:
+            r, room = len(rows), capacity
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:  # a full row is closed
+            if room - n not in open_rows:
+                bisect.insort(rooms, room - n)
+            open_rows.setdefault(room - n, []).append(r)
+    return rows
+
+
+def sft_dataset(examples: list[SFTExample], seq_len: int, packing: bool) -> SFTDataset | PackedSFTDataset:
+    """The examples as a dataset of examples, or of packed rows of at most ``seq_len`` tokens."""
+    return PackedSFTDataset(examples, seq_len) if packing else SFTDataset(examples)
+
+
+class PackedSFTDataset(Dataset):
+    """Item i is row i: the examples packed into it (see :func:`pack_examples`). Rows are the items, so the sampler
+    (shuffled, seeded; Lightning's DistributedSampler under DDP) orders and splits rows; ``examples`` keeps every
+    example, in order (evaluation generates from them)."""
+
+    def __init__(self, examples: list[SFTExample], seq_len: int) -> None:
+        self.examples = examples
+        self.rows = pack_examples([len(e.ids) - 1 for e in examples], seq_len)  # n tokens -> n - 1 inputs
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[SFTExample]:
+        return [self.examples[j] for j in self.rows[i]]
+
+
+@dataclass
+class PackCollate:
+    """Packed rows padded to the longest row of the batch: ``input_ids`` and ``labels`` as :class:`PadCollate`'s,
+    ``positions`` restarting at 0 in each example and ``segments`` numbering a row's examples 0, 1, ... and its
+    padding last (a segment of its own: padding never sees a real token), all (B, T). With the model's
+    block-diagonal mask each example is computed as if alone."""
+
+    pad_id: int
+
+    def __call__(self, rows: list[list[SFTExample]]) -> dict[str, torch.Tensor]:
+        T = max(sum(len(e.ids) - 1 for e in row) for row in rows)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), T), dtype=torch.long)
+        segments = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, row in enumerate(rows):
+            at = 0
+            for s, e in enumerate(row):
+                n = len(e.ids) - 1
+                input_ids[b, at : at + n], labels[b, at : at + n] = inputs_and_labels(e)
+                positions[b, at : at + n] = torch.arange(n)
+                segments[b, at : at + n] = s
+                at += n
+            segments[b, at:] = len(row)
+        return {"input_ids": input_ids, "labels": labels, "positions": positions, "segments": segments}
 
 
 # ------------------------------------------------------------------------------------------------ DataModule
@@ -203,7 +294,8 @@ class _Conversation:
 
 
 class SFTDataModule(ExampleDataModule):
-    """Instruction tuning: batches of ``{"input_ids", "labels"}`` padded to the longest example of the batch.
+    """Instruction tuning: batches of ``{"input_ids", "labels"}`` padded to the longest example of the batch, or,
+    packed, rows of several examples with ``positions`` and ``segments`` (see :class:`PackCollate`).
 
     Args:
         paths: JSON Lines / JSON files, directories or globs (``.gz`` too); None for the embedded example set
@@ -215,9 +307,11 @@ class SFTDataModule(ExampleDataModule):
         instruction_field, input_field, response_field: keys of an instruction row (input is optional).
         messages_field: key of a chat row's message list (each ``{"role", "content"}``).
         seq_len: the longest example, in input tokens; longer ones are truncated (counted in the report).
-        batch_size: examples per batch, per device.
+        batch_size: examples (packed: rows) per batch, per device.
         tokenizer: a ``tokenizer.json``; None: the ``init_from`` checkpoint's (train.py passes it).
         skip_empty: drop rows with an empty instruction or response instead of stopping with an error.
+        packing: pack each split's examples into rows of at most ``seq_len`` tokens (:func:`pack_examples`, once);
+            the loader shuffles the rows. The loss per token is the same as unpacked.
     """
 
     kind: ClassVar[str] = "sft"
@@ -241,6 +335,7 @@ class SFTDataModule(ExampleDataModule):
         seed: int = 1234,
         pin_memory: bool = True,
         skip_empty: bool = False,
+        packing: bool = False,
     ) -> None:
         super().__init__(
             paths, val_paths, val_fraction, seq_len, batch_size, num_workers, tokenizer, seed, pin_memory, skip_empty
@@ -250,6 +345,7 @@ class SFTDataModule(ExampleDataModule):
         self.input_field = input_field
         self.response_field = response_field
         self.messages_field = messages_field
+        self.packing = bool(packing)
 
     def _read(self, where: str, record: dict[str, Any]) -> _Conversation | None:
         if self.messages_field in record:
@@ -330,7 +426,24 @@ class SFTDataModule(ExampleDataModule):
             "tokens": tokens,
             "response_tokens": trained,
         }
-        return SFTDataset(examples), report
+        dataset = sft_dataset(examples, self.seq_len, self.packing)
+        if not self.packing:
+            return dataset, report
+        report["rows"] = len(dataset)
+        # of rows padded to seq_len; a batch pads to its longest row only, so at most this
+        report["padding"] = round(1 - (tokens - len(examples)) / (len(dataset) * self.seq_len), 4)
+        return dataset, report
 
-    def _collate(self) -> PadCollate:
-        return PadCollate(self.pad_id)
+    def _collate(self) -> PadCollate | PackCollate:
+        return PackCollate(self.pad_id) if self.packing else PadCollate(self.pad_id)
+
+    def summary(self) -> str:
+        text = super().summary()
+        if not self.packing:
+            return text
+        train, val = self.report["train"], self.report["val"]
+        packed = (
+            f"; packed into {train['rows']} train / {val['rows']} val rows "
+            f"({100 * train['padding']:.1f}% / {100 * val['padding']:.1f}% padding)"
+        )
+        return text.replace(" (data_report.json)", packed + " (data_report.json)")

@@ -1,6 +1,8 @@
 """Hugging Face Llama <-> our checkpoints.
 
-    python -m llm.convert to-hf CKPT OUT_DIR [--max-shard-gb 5] [--dtype bfloat16]
+    python -m llm.convert to-hf CKPT OUT_DIR [--max-shard-gb 5] [--dtype bfloat16] [--base BASE_CKPT]
+    python -m llm.convert to-hf CKPT OUT_DIR --adapter-only [--base-model HF_DIR]   # a PEFT LoRA adapter
+    python -m llm.convert merge CKPT OUT_CKPT [--base BASE_CKPT]                    # LoRA folded in: full checkpoint
     python -m llm.convert from-hf HF_DIR OUT_CKPT
 
 `to-hf` writes what `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` and
@@ -199,7 +201,7 @@ def config_from_hf(hf: dict[str, Any], where: str | Path) -> ModelConfig:
 # -------------------------------------------------------------------------------------------------- to-hf
 
 
-def _write_tokenizer_files(ckpt: dict[str, Any], out: Path, cfg: ModelConfig, ids: dict[str, Any]) -> None:
+def write_tokenizer_files(ckpt: dict[str, Any], out: Path, cfg: ModelConfig, ids: dict[str, Any]) -> None:
     """tokenizer.json plus tokenizer_config.json and special_tokens_map.json, which name the special tokens."""
     from tokenizers import Tokenizer
 
@@ -245,16 +247,18 @@ def to_hf(
     *,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     dtype: torch.dtype | None = None,
+    base: str | Path | None = None,
 ) -> Path:
     """Write a Hugging Face Llama directory from one of our checkpoints (training or converted).
 
     dtype: cast the weights (e.g. torch.bfloat16 to halve the files); None keeps them bit for bit.
+    A LoRA adapter checkpoint is written merged (W + (alpha / r) B A); `base`: its base checkpoint, if it moved.
     """
     from safetensors.torch import save_file
 
     if max_shard_bytes <= 0:
         raise UserError(f"max shard size must be positive, got {max_shard_bytes} bytes")
-    ckpt = load(ckpt_path)
+    ckpt = load(ckpt_path, base=base)
     cfg = model_config_of(ckpt, ckpt_path)
     state = model_state(ckpt, cfg, ckpt_path)
     if cfg.tie_embeddings:
@@ -272,7 +276,7 @@ def to_hf(
         stale.unlink(missing_ok=True)  # a previous export with another sharding would confuse the loader
     (out / "config.json").write_text(json.dumps(hf_config(cfg, ids, out_dtype), indent=2) + "\n")
     if ckpt.get("tokenizer"):
-        _write_tokenizer_files(ckpt, out, cfg, ids)
+        write_tokenizer_files(ckpt, out, cfg, ids)
 
     shards = _shards(state, max_shard_bytes, dtype)
     weight_map: dict[str, str] = {}
@@ -422,14 +426,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="shard above this size (GB)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast the weights (default: as stored)")
+    p.add_argument("--base", default=None, help="a LoRA checkpoint's base checkpoint, if it moved")
+    p.add_argument("--adapter-only", action="store_true", help="a LoRA checkpoint's adapters alone, as PEFT's")
+    p.add_argument("--base-model", default=None, help="with --adapter-only: base_model_name_or_path (its HF dir)")
+    p = sub.add_parser("merge", help="LoRA adapter checkpoint -> our full checkpoint, adapters merged")
+    p.add_argument("ckpt")
+    p.add_argument("out_ckpt")
+    p.add_argument("--base", default=None, help="the base checkpoint, if it moved")
     p = sub.add_parser("from-hf", help="Hugging Face directory -> our checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out_ckpt")
     args = parser.parse_args(argv)
     try:
+        from llm import convert_lora  # imports this module: not at the top
+
         if args.command == "to-hf":
             dtype = _DTYPES[args.dtype] if args.dtype else None
-            out = to_hf(args.ckpt, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 1e9), dtype=dtype)
+            if args.adapter_only:
+                out = convert_lora.to_peft(
+                    args.ckpt, args.out_dir, base=args.base, base_model=args.base_model, dtype=dtype
+                )
+            elif args.base_model is not None:
+                raise UserError("--base-model names the base of an adapter: it goes with --adapter-only")
+            else:
+                shard = int(args.max_shard_gb * 1e9)
+                out = to_hf(args.ckpt, args.out_dir, max_shard_bytes=shard, dtype=dtype, base=args.base)
+        elif args.command == "merge":
+            out = convert_lora.merge(args.ckpt, args.out_ckpt, base=args.base)
         else:
             out = from_hf(args.hf_dir, args.out_ckpt)
     except LLMError as err:

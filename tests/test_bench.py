@@ -47,6 +47,7 @@ RUNS = {
         "tiny:128",
     ],
     "data": ["bench/data.py", "--quick", "--repeats", "1", "--copies", "3"],
+    "sft_packing": ["bench/sft_packing.py", "--steps", "1", "--warmup", "1", "--rounds", "1", "--chat-examples", "200"],
 }
 
 

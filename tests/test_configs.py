@@ -35,10 +35,16 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         pytest.skip("sweeper configs are exercised by the sweep tests")
     cfg = compose_config([f"{group}={option}", *NEEDS.get((group, option), [])], run_dir=tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    if group == "experiment" and option in ("finetune", "eval"):
+    if group == "experiment" and option in ("finetune", "eval", "dpo"):
         with pytest.raises(UserError, match=f"experiment={option} needs init_from=CKPT"):
             resolve(cfg)
         cfg = compose_config([], run_dir=tmp_path)  # the groups are checked below with the default experiment
+    if group == "adapter":  # adapters train on init_from's weights (QLoRA: on CUDA)
+        assert build(cfg.adapter, "adapter").rank >= 1
+        need = "needs a CUDA GPU" if option == "qlora" and not torch.cuda.is_available() else "give them as init_from"
+        with pytest.raises(UserError, match=need):
+            resolve(cfg)
+        cfg = compose_config([], run_dir=tmp_path)
     spec = resolve(cfg)
     model_cfg = spec.model.with_vocab(1000)
     assert model_cfg.vocab_size % 64 == 0

@@ -1,12 +1,16 @@
 """Build the embedded example sets from the embedded corpus (janeausten.jsonl.gz), deterministically.
 
-    python datamodules/corpora/build_examples.py      # rewrites the two files below, byte for byte the same
+    python datamodules/corpora/build_examples.py      # rewrites the files below, byte for byte the same
 
 - ``austen_classify.jsonl.gz``: ``{"text", "label"}`` rows, a passage and the novel it comes from (six labels,
   the same number of passages each); ``data=classify`` reads it when ``data.paths`` is null.
 - ``austen_sft.jsonl.gz``: instruction rows ``{"instruction", "input"?, "response"}`` (continue a passage; name the
   novel of a passage) and chat rows ``{"messages": [...]}`` (name the novel, then its author and year);
   ``data=sft`` reads it when ``data.paths`` is null.
+- ``austen_preference.jsonl.gz``: the SFT set as preference pairs, the true answer chosen and another question's
+  answer of the same kind rejected (another novel, another passage's next sentence, another year): ``{"prompt",
+  "chosen", "rejected"}`` rows from the instruction rows, TRL's conversational ``{"chosen": [...], "rejected":
+  [...]}`` from the chat rows; ``data=preference`` reads it when ``data.paths`` is null.
 
 A passage is one or more consecutive paragraphs (hard line wraps joined), cut at a sentence end. Passages are
 drawn at evenly spread places of each novel, so each set covers the whole book; the same text is never used
@@ -26,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "janeausten.jsonl.gz"
 CLASSIFY = HERE / "austen_classify.jsonl.gz"
 SFT = HERE / "austen_sft.jsonl.gz"
+PREFERENCE = HERE / "austen_preference.jsonl.gz"
 
 TITLES = {
     "emma": ("Emma", 1815),
@@ -141,6 +146,44 @@ def sft_rows(books: dict[str, list[list[str]]], rng: random.Random) -> list[dict
     return rows
 
 
+def preference_rows(sft: list[dict], rng: random.Random) -> list[dict]:
+    """Each SFT row as a pair: its answer chosen, the answer of another row of the same task rejected.
+
+    Drawing the rejected answer from the same task keeps it plausible (a title for a title, a sentence of the
+    novels for a next sentence), so what separates the two is whether it answers this prompt.
+    """
+
+    def task(row: dict) -> str:
+        if "messages" in row:
+            return "chat"
+        return "novel" if row["instruction"].startswith("Which Jane Austen novel") else "continue"
+
+    def answer(row: dict) -> str:
+        return row["messages"][-1]["content"] if "messages" in row else row["response"]
+
+    by_task: dict[str, list[str]] = {}
+    for row in sft:
+        by_task.setdefault(task(row), []).append(answer(row))
+    rows = []
+    for row in sft:
+        chosen, others = answer(row), by_task[task(row)]
+        rejected = chosen
+        while rejected == chosen:
+            rejected = rng.choice(others)
+        if "messages" in row:
+            prompt = row["messages"][:-1]
+            rows.append(
+                {
+                    "chosen": [*prompt, {"role": "assistant", "content": chosen}],
+                    "rejected": [*prompt, {"role": "assistant", "content": rejected}],
+                }
+            )
+        else:
+            user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            rows.append({"prompt": user, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
 def to_jsonl_gz(rows: list[dict]) -> bytes:
     """JSON Lines, gzipped without a timestamp or file name, so the same rows give the same bytes."""
     buf = io.BytesIO()
@@ -152,7 +195,12 @@ def to_jsonl_gz(rows: list[dict]) -> bytes:
 
 def build() -> dict[Path, list[dict]]:
     books = novels()
-    return {CLASSIFY: classify_rows(books, random.Random(SEED)), SFT: sft_rows(books, random.Random(SEED + 1))}
+    sft = sft_rows(books, random.Random(SEED + 1))
+    return {
+        CLASSIFY: classify_rows(books, random.Random(SEED)),
+        SFT: sft,
+        PREFERENCE: preference_rows(sft, random.Random(SEED + 2)),
+    }
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ The kind of evaluation follows from the checkpoint and the data group:
 | --- | --- | --- |
 | language model | ``corpus`` / ``text`` | loss, bits per byte, perplexity, next-token accuracy |
 | language model | ``sft`` | the same on response tokens; BLEU, ROUGE-L and exact match of greedy generations |
+| language model | ``preference`` | DPO's loss, rewards (chosen, rejected, accuracies, margins), log-probabilities |
 | classifier | ``classify`` | loss, accuracy, macro F1 / precision / recall, per-class precision, recall, F1, confusion |
 
 Data given as ``data.paths`` alone (example sets and text alike) is evaluated whole; with ``data.val_paths``, those
@@ -55,9 +56,11 @@ if TYPE_CHECKING:
 
 
 def kind_of(module: L.LightningModule, datamodule: L.LightningDataModule) -> str:
-    """``"classification"``, ``"sft"`` or ``"text"`` (the Eval experiment rejected the other pairs)."""
+    """``"classification"``, ``"sft"``, ``"preference"`` or ``"text"`` (the Eval experiment rejected the other pairs)."""
     if isinstance(module, SequenceClassifier):
         return "classification"
+    if datamodule.kind == "preference":  # rewards against the reference (llm/training/dpo.py; Eval attached it)
+        return "preference"
     return "sft" if datamodule.kind == "sft" else "text"
 
 
@@ -150,6 +153,8 @@ def run(spec: RunSpec, module: TransformerModule, datamodule: L.LightningDataMod
         metrics["generated"] = len(samples)
         result["generation"] = {"decoding": "greedy", "max_new_tokens": spec.settings.max_new_tokens}
         metrics["response_tokens"] = metrics.pop("tokens")
+    elif kind == "preference":  # the policy the rewards are measured against: a checkpoint, or the adapters' base
+        result["reference"] = module.reference_path or "init_from's base weights (adapters disabled)"
     result["metrics"] = metrics
 
     run_dir = spec.run_dir
@@ -185,7 +190,7 @@ def _sft_samples(settings: ExperimentSettings, module, datamodule: L.LightningDa
 
 def _describe(datamodule: L.LightningDataModule) -> dict[str, Any]:
     report = getattr(datamodule, "report", {}) or {}
-    if datamodule.kind in ("sft", "classify"):
+    if datamodule.kind in ("sft", "classify", "preference"):
         return {
             "kind": datamodule.kind,
             "files": report.get("val_files") or report.get("files"),
@@ -227,6 +232,7 @@ def summary(result: dict[str, Any]) -> str:
         "text": ("loss", "bpb", "perplexity", "accuracy"),
         "sft": ("loss", "bpb", "perplexity", "accuracy", "bleu", "rouge_l", "exact_match"),
         "classification": ("loss", "accuracy", "f1_macro"),
+        "preference": ("loss", "rewards/accuracies", "rewards/margins"),
     }[result["kind"]]
     shown = [k for k in keys if m.get(k) is not None]
     return f"eval ({result['kind']}): " + ", ".join(f"{k} {m[k]:.4g}" for k in shown) + " (eval.json)"

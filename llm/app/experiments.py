@@ -3,7 +3,8 @@
 - ``pretrain``: a CausalLM from scratch (or continued from ``init_from``) on a text corpus;
 - ``finetune``: a CausalLM from ``init_from`` on instruction data (``data=sft``) or text;
 - ``classify``: a SequenceClassifier whose backbone comes from ``init_from`` (or is new) on ``data=classify``;
-- ``eval``: the module of ``init_from``'s kind (language model or classifier), measured by llm/app/evaluate.py.
+- ``eval``: the module of ``init_from``'s kind (language model or classifier), measured by llm/app/evaluate.py;
+- ``dpo``: a PreferenceLM (llm/training/dpo.py) from ``init_from`` on preference pairs (``data=preference``).
 
 Each experiment says what it needs (``init_from``, a kind of data) and builds the DataModule and the
 LightningModule from the resolved run (llm/app/spec.py); train.py then trains or evaluates.
@@ -11,22 +12,27 @@ LightningModule from the resolved run (llm/app/spec.py); train.py then trains or
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from llm.app.builders import build
 from llm.app.init_from import Init, write_tokenizer
-from llm.app.schema import DATA_RUN_KEYS
+from llm.app.schema import DATA_RUN_KEYS, DPOSchema
 from llm.core.config import ModelConfig
 from llm.errors import UserError
+from llm.training import checkpoint
+from llm.training.dpo import PreferenceLM, reference_state
 from llm.training.module import CausalLM, SequenceClassifier, TransformerModule
 
 if TYPE_CHECKING:
     from llm.app.spec import RunSpec
 
 LANGUAGE_DATA = ("text", "sft")  # DataModule kinds a language model trains on (datamodules/base.py)
+EXPERIMENT_OF_DATA = {"classify": "classify", "preference": "dpo"}  # the other kinds, and what trains on them
 
 
 class Experiment:
@@ -38,6 +44,11 @@ class Experiment:
 
     def check(self, spec: RunSpec) -> None:
         """Refuse, before anything is built, a run this experiment cannot do."""
+        if spec.adapter is not None and spec.init is None and self.trains:
+            raise UserError(
+                f"adapter={'qlora' if spec.adapter.quantize else 'lora'} trains adapters on frozen weights: give"
+                " them as init_from=CKPT"
+            )
         if self.needs_init and spec.init is None:
             raise UserError(
                 f"experiment={self.name} needs init_from=CKPT: a .ckpt of pretraining, finetuning or classification,"
@@ -49,7 +60,14 @@ class Experiment:
 
     def check_data(self, kind: str, init: Init | None) -> None:
         if kind not in LANGUAGE_DATA:
-            raise UserError(f"experiment={self.name} trains a language model; data={kind} is for experiment=classify")
+            raise UserError(
+                f"experiment={self.name} trains a language model; data={kind} is for"
+                f" experiment={EXPERIMENT_OF_DATA.get(kind, 'classify')}"
+            )
+
+    def language_module(self, spec: RunSpec, datamodule: L.LightningDataModule, **arguments: Any) -> CausalLM:
+        """The LightningModule of a language model, from ``arguments`` (``model``, ``optimizer``, ...); DPO's differs."""
+        return CausalLM(**arguments)
 
     # ------------------------------------------------------------------------------------------------- data
 
@@ -98,6 +116,7 @@ class Experiment:
         optimizer = build(spec.cfg.optim, "optim") if self.trains else None
         scheduler = build(spec.cfg.sched, "sched") if self.trains else None
         classifier = self.is_classifier(init)
+        adapter = spec.adapter.to_dict() if self.trains and spec.adapter is not None else None
         if classifier:
             module: TransformerModule = SequenceClassifier(
                 model.to_dict(),
@@ -105,9 +124,12 @@ class Experiment:
                 label_smoothing=spec.settings.label_smoothing,
                 optimizer=optimizer,
                 scheduler=scheduler,
+                adapter=adapter,
             )
         else:
-            module = CausalLM(model.to_dict(), optimizer=optimizer, scheduler=scheduler)
+            module = self.language_module(
+                spec, datamodule, model=model.to_dict(), optimizer=optimizer, scheduler=scheduler, adapter=adapter
+            )
             module.token_bytes = datamodule.token_bytes  # for val/bpb
 
         from_checkpoint = init is not None and spec.cfg.data.get("tokenizer") is None
@@ -122,6 +144,8 @@ class Experiment:
         if init is not None:
             module.checkpoint_extras = dict(init.extras)
             module.load_weights(init.state)
+            if adapter is not None:  # adapter checkpoints name their base by path and content
+                module.adapter_base = {"path": str(Path(init.path).resolve()), "sha256": checkpoint.digest(init.path)}
             if classifier and init.labels == module.labels and init.head:
                 module.load_head(init.head)
             elif classifier and init.labels is not None:
@@ -169,11 +193,22 @@ class Eval(Experiment):
     def check_data(self, kind: str, init: Init | None) -> None:
         if self.is_classifier(init) and kind != "classify":
             raise UserError(f"init_from={init.path} is a classifier: evaluate it on labelled data (data=classify)")
-        if not self.is_classifier(init) and kind not in LANGUAGE_DATA:
+        if not self.is_classifier(init) and kind not in (*LANGUAGE_DATA, "preference"):
             raise UserError(
-                f"init_from={init.path} is a language model: evaluate it on data=corpus, text or sft, or train a"
-                " classifier from it first (experiment=classify)"
+                f"init_from={init.path} is a language model: evaluate it on data=corpus, text, sft or preference, or"
+                " train a classifier from it first (experiment=classify)"
             )
+
+    def language_module(self, spec: RunSpec, datamodule: L.LightningDataModule, **arguments: Any) -> CausalLM:
+        if datamodule.kind == "preference":  # reward accuracy and margins against a reference policy
+            return preference_module(spec, None, **arguments)
+        return super().language_module(spec, datamodule, **arguments)
+
+    def build_module(self, spec: RunSpec, datamodule: L.LightningDataModule) -> TransformerModule:
+        module = super().build_module(spec, datamodule)
+        if datamodule.kind == "preference":
+            attach_reference(spec, module, evaluating=True)
+        return module
 
     def datamodule_settings(self, spec: RunSpec) -> dict[str, Any]:
         """Data given as ``data.paths`` alone is evaluated whole (it becomes the val split); a text corpus with
@@ -189,7 +224,78 @@ class Eval(Experiment):
         return given
 
 
-EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (Pretrain(), Finetune(), Classify(), Eval())}
+class Dpo(Experiment):
+    """Preference tuning (DPO, IPO: ``dpo.*``) of ``init_from`` on ``data=preference``; the reference policy is
+    ``init_from``'s weights, frozen after loading (with adapters: the base under them), or ``dpo.reference``."""
+
+    name = "dpo"
+    needs_init = True
+
+    def check(self, spec: RunSpec) -> None:
+        super().check(spec)
+        dpo_settings(spec)  # dpo.* refused in one line before any data is read
+
+    def check_data(self, kind: str, init: Init | None) -> None:
+        if kind != "preference":
+            raise UserError(f"experiment=dpo trains on preference pairs: data=preference, not data={kind}")
+
+    def language_module(self, spec: RunSpec, datamodule: L.LightningDataModule, **arguments: Any) -> CausalLM:
+        reference = dpo_settings(spec).reference or spec.init.path  # saved with the checkpoint: eval finds it
+        return preference_module(spec, str(Path(reference).resolve()), **arguments)
+
+    def build_module(self, spec: RunSpec, datamodule: L.LightningDataModule) -> TransformerModule:
+        module = super().build_module(spec, datamodule)  # init_from's weights (and adapters) loaded
+        module.chat_format, module.chat_template = datamodule.template.template, datamodule.template.jinja()
+        attach_reference(spec, module, evaluating=False)
+        return module
+
+
+def dpo_settings(spec: RunSpec) -> DPOSchema:
+    return DPOSchema(**OmegaConf.to_container(spec.cfg.dpo, resolve=True))  # checks the values (UserError)
+
+
+def preference_module(spec: RunSpec, reference: str | None, **arguments: Any) -> PreferenceLM:
+    s = dpo_settings(spec)
+    return PreferenceLM(**arguments, beta=s.beta, label_smoothing=s.label_smoothing, loss=s.loss, reference=reference)
+
+
+def attach_reference(spec: RunSpec, module: PreferenceLM, evaluating: bool) -> None:
+    """The reference policy: with adapters, the model with them disabled; else ``dpo.reference``'s weights, else
+    (training) a frozen copy of init_from's, (evaluating) the weights the DPO checkpoint names."""
+    settings = dpo_settings(spec)
+    path = settings.reference
+    saved = (checkpoint.load_meta(spec.init.path).get("hyper_parameters") or {}) if evaluating else {}
+    differ = [
+        f"dpo.{k}={getattr(settings, k)} (trained with {saved[k]})"
+        for k in ("beta", "label_smoothing", "loss")
+        if k in saved and saved[k] != getattr(settings, k)
+    ]
+    if differ:  # the rewards scale with beta: these numbers are not the ones training logged
+        print(f"note: init_from={spec.init.path} is measured with {', '.join(differ)}")
+    if module.has_adapters():
+        if path is not None:
+            raise UserError(f"dpo.reference={path}: with adapters the reference is the base under them; drop it")
+        module.freeze_reference()
+        return
+    if path is None and evaluating:
+        path = saved.get("reference")
+        if path is None:
+            raise UserError(
+                f"init_from={spec.init.path} names no reference policy (not a DPO checkpoint): give the model it was"
+                " tuned from as dpo.reference=CKPT"
+            )
+        if not Path(path).exists():
+            raise UserError(
+                f"init_from={spec.init.path} names its reference {path}, not there: give dpo.reference=CKPT"
+            )
+    if path is None:
+        module.freeze_reference()
+    else:
+        module.load_reference(reference_state(str(path), module))
+        module.reference_path = str(path)
+
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (Pretrain(), Finetune(), Classify(), Eval(), Dpo())}
 
 
 def experiment_of(task: str) -> Experiment:

@@ -119,6 +119,21 @@ class ExperimentSettings:
 
 
 @dataclasses.dataclass
+class DPOSchema:
+    """``dpo.*``: preference tuning (experiment=dpo; experiment=eval with data=preference), llm/training/dpo.py."""
+
+    beta: float = 0.1  # the pull towards the reference policy (the weight of the KL penalty)
+    label_smoothing: float = 0.0  # > 0: conservative DPO, the fraction of preferences assumed flipped (sigmoid)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    reference: str | None = None  # the reference's checkpoint; null: init_from's weights (or, in eval, the stored one)
+
+    def __post_init__(self) -> None:
+        from llm.training.dpo import check_settings
+
+        check_settings(self.beta, self.label_smoothing, self.loss)
+
+
+@dataclasses.dataclass
 class RootSchema:
     """Top-level keys of ``conf/config.yaml``; the group nodes are typed by their own schemas."""
 
@@ -137,7 +152,9 @@ class RootSchema:
     callbacks: Any = None
     logger: Any = None
     experiment: ExperimentSettings = dataclasses.field(default_factory=ExperimentSettings)
+    dpo: DPOSchema = dataclasses.field(default_factory=DPOSchema)
     hparams_search: Any = None
+    adapter: Any = None  # conf/adapter: null (full training), lora or qlora
 
 
 # keys of the data group that the run reads (llm/app/spec.py), not the DataModule
@@ -148,12 +165,14 @@ GROUP_TARGETS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "trainer": ("lightning.pytorch.Trainer", False, ("callbacks", "logger", "plugins")),
     "optim": ("torch.optim.AdamW", True, ("params",)),
     "sched": ("llm.core.schedule.WarmupCosine", True, ("optimizer", "max_steps")),
+    "adapter": ("llm.core.lora.LoRAConfig", False, ()),
 }
 SCHED_TARGETS = ("llm.core.schedule.WarmupLinear", "llm.core.schedule.WarmupStableDecay")
 DATA_TARGETS = (
     "datamodules.pretrain.PretrainDataModule",
     "datamodules.sft.SFTDataModule",
     "datamodules.classify.ClassifyDataModule",
+    "datamodules.preference.PreferenceDataModule",
 )
 
 

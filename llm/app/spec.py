@@ -21,6 +21,7 @@ from llm.app.experiments import Experiment, experiment_of
 from llm.app.init_from import Init, explicit_model_keys, load_init
 from llm.app.schema import ExperimentSettings
 from llm.core.config import ModelConfig, pad_vocab
+from llm.core.lora import LoRAConfig
 from llm.core.memory import GB, PRECISIONS, Plan, normalise_precision
 from llm.errors import UserError
 from llm.runtime.hardware import device_memory_bytes, fastest_precision
@@ -41,6 +42,7 @@ class RunSpec:
     limit_val_batches: int | float | None  # a held-out set (data.val_paths) is read whole unless set explicitly
     model: ModelConfig  # vocab_size None until the tokenizer is known (without init_from and model.vocab_size)
     init: Init | None
+    adapter: LoRAConfig | None  # adapter=lora / qlora: adapters on init_from's frozen weights
     ckpt_path: str | None  # the checkpoint to resume, or None for a fresh run
     run_dir: Path | None  # None when composed outside a Hydra job (python -m llm.plan)
     seed: int
@@ -54,9 +56,11 @@ class RunSpec:
         }
 
 
-def resolve(cfg: DictConfig, overrides: Sequence[str] | None = None) -> RunSpec:
+def resolve(cfg: DictConfig, overrides: Sequence[str] | None = None, *, planning: bool = False) -> RunSpec:
     """The run ``cfg`` describes. ``overrides``: the command line's, to tell which ``model.*`` keys the user set
-    (with ``init_from`` those must agree with the checkpoint); None reads them from Hydra when it runs the job."""
+    (with ``init_from`` those must agree with the checkpoint); None reads them from Hydra when it runs the job.
+    ``planning``: for ``python -m llm.plan``, which needs only the run's shapes: the checks of what the run itself
+    needs (``init_from`` for finetune or adapters, QLoRA's CUDA GPU, the experiment's strategy) are skipped."""
     experiment = experiment_of(str(cfg.task))
     settings = ExperimentSettings(**OmegaConf.to_container(cfg.experiment, resolve=True))
     topology = Topology.from_trainer(cfg.trainer)
@@ -72,6 +76,9 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] | None = None) -> RunSpec:
     typed = {o.split("=", 1)[0].lstrip("+~") for o in command_line}
     if cfg.data.get("val_paths") is not None and "trainer.limit_val_batches" not in typed:
         limit_val_batches = 1.0  # a held-out set is evaluated whole: a part of it would be another set
+    adapter = build(cfg.adapter, "adapter") if cfg.get("adapter") is not None else None
+    if not planning:
+        check_adapter(adapter, topology, experiment)  # before init_from loads: QLoRA may not be possible here
     init = None
     if cfg.init_from is not None:
         init = load_init(str(cfg.init_from), cfg.model, explicit_model_keys(command_line))
@@ -87,13 +94,37 @@ def resolve(cfg: DictConfig, overrides: Sequence[str] | None = None) -> RunSpec:
         limit_val_batches=limit_val_batches,
         model=model,
         init=init,
+        adapter=adapter,
         ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir) if experiment.trains else None,
         run_dir=None if run_dir is None else Path(str(run_dir)),
         seed=int(cfg.seed),
     )
-    experiment.check(spec)
+    if not planning:
+        experiment.check(spec)
     OmegaConf.set_readonly(cfg, True)  # nothing downstream changes the run's description
     return spec
+
+
+def check_adapter(adapter: LoRAConfig | None, topology: Topology, experiment: Experiment) -> None:
+    """QLoRA needs CUDA and bitsandbytes; evaluation reads adapters from init_from, not from adapter=."""
+    if adapter is None:
+        return
+    if not experiment.trains:
+        raise UserError(
+            f"experiment={experiment.name} measures init_from as it is (its adapters included): drop adapter="
+        )
+    if adapter.quantize is None:
+        return
+    if topology.accelerator != "cuda" or not torch.cuda.is_available():
+        raise UserError(
+            "adapter=qlora stores the frozen weights in 4-bit NF4 with bitsandbytes, which needs a CUDA GPU"
+            f" (here: trainer.accelerator={topology.accelerator}, CUDA available: {torch.cuda.is_available()});"
+            " use adapter=lora"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError('adapter=qlora needs bitsandbytes: pip install -e ".[qlora]"')
 
 
 def _command_line() -> list[str]:
@@ -167,6 +198,8 @@ def memory_plan(spec: RunSpec, vocab_size: int | None = None) -> Plan:
         optimizer_impl="fused" if optim.get("fused") else ("foreach" if optim.get("foreach") else "auto"),
         device=name,
         device_memory=memory,
+        adapter=spec.adapter,
+        data_parallel=topology.data_parallel_size,
     )
 
 

@@ -26,6 +26,19 @@ backward while the activations are being freed, so
 with the gradients added to the activations when gradient accumulation keeps them across micro-batches.
 A test runs real CPU training steps in a subprocess and compares this peak with the measured one.
 
+With an adapter (`adapter=lora` / `qlora`, llm/core/lora.py) the base is frozen and only A (r, in) and B (out, r) of
+each target of each block train: P_a = n_layers x sum over targets of r x (in + out) parameters.
+- frozen weights: P, stored as llm/training/adapters.py stores them: bf16 on one GPU or DDP under bf16 precision,
+  NF4 for QLoRA's targets (NF4_BYTES, about 4.13 bits), else the precision's dtype (fp32 on the CPU, fp32 and
+  sharded under FSDP2);
+- gradients, optimizer state and step temporaries: of the P_a adapter parameters only;
+- activations: a frozen projection keeps nothing of its input (the input's gradient needs only the weight), but
+  the gradient still flows through every block to the earlier adapters, so attention, SwiGLU and the norms keep
+  what they keep in full training, and each adapter's A keeps its own input (see `adapter_block_activation_bytes`);
+- buffers: autocast's 16-bit copies only of frozen weights stored in fp32 (a frozen weight's copy is not cached but
+  is still saved for the backward of its input), the adapters' 16-bit copies, and the NF4 weight being
+  dequantized; DDP's buckets and FSDP's gathered gradients hold the adapters' gradients only.
+
 Not counted: the CUDA context and library workspaces (cuBLAS, NCCL), which live outside PyTorch's allocator;
 allocator fragmentation; one-time runtime buffers (tens of MB on the CPU).
 """
@@ -33,13 +46,20 @@ allocator fragmentation; one-time runtime buffers (tens of MB on the CPU).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from llm.core.config import ModelConfig
 from llm.core.flops import count_params, flops_per_token, layer_params, matmul_params
 from llm.errors import UserError
 
+if TYPE_CHECKING:  # the planner reads the adapter's fields only: no torch here
+    from llm.core.lora import LoRAConfig
+
 GB = 10**9
+# bitsandbytes NF4 with double quantization (QLoRA paper, section 2; llm/training/quantize.py): a 4-bit code per
+# weight, an 8-bit scale per block of 64 weights, a float32 constant per 256 of those blocks: 4.127 bits per weight
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,77 @@ def head_activation_bytes(cfg: ModelConfig, precision: Precision) -> int:
     return norm + head_input + loss
 
 
+def adapter_shapes(cfg: ModelConfig, adapter: LoRAConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each adapted projection of one block, by target name."""
+    C, HD, KV, F = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    shapes = {"wq": (C, HD), "wk": (C, KV), "wv": (C, KV), "wo": (HD, C), "w1": (C, F), "w3": (C, F), "w2": (F, C)}
+    return {t: shapes[t] for t in adapter.targets}
+
+
+def adapter_params(cfg: ModelConfig, adapter: LoRAConfig) -> int:
+    """The trainable parameters: A (r, in) and B (out, r) of every target of every block."""
+    return cfg.n_layers * sum(adapter.rank * (i + o) for i, o in adapter_shapes(cfg, adapter).values())
+
+
+def target_params(cfg: ModelConfig, adapter: LoRAConfig) -> int:
+    """The base weights of the targets (the ones QLoRA stores in NF4)."""
+    return cfg.n_layers * sum(i * o for i, o in adapter_shapes(cfg, adapter).values())
+
+
+def adapter_block_activation_bytes(
+    cfg: ModelConfig, adapter: LoRAConfig, precision: Precision, stream: int, device: str = "cuda"
+) -> int:
+    """Bytes autograd keeps per token for one Block with a frozen base and adapters (checked in a test).
+
+    stream: bytes of the residual stream and the norms' outputs (2 when the frozen base is stored in bf16, whose
+    embedding then starts a bf16 stream). C = dim, F = ffn_dim, e = compute bytes, r = rank. The input of every
+    block needs a gradient (the adapters before it train), so:
+    - each RMSNorm keeps its float32 input (or its float32 upcast) and rsqrt, not the normalised x: its gain is frozen;
+    - a frozen projection keeps nothing of its input (the input's gradient needs only the weight), but each adapter's
+      A keeps its input for A's gradient: with adapter dropout, its own dropped copy (in e bytes; autocast's cast when
+      the input is float32) and its mask (1 byte on GPUs, the input's dtype on the CPU); without dropout the input
+      itself, shared by the targets that read it (once per target when autocast casts it); B keeps A's output (r);
+    - attention as in full training: q and k after rotary, v, the SDPA output (wo's input), the log-sum-exp;
+    - SwiGLU: w1 out, silu(w1 out) and w3 out; their product only as w2's adapter input. QLoRA's base returns its
+      input's dtype (llm/training/quantize.py), so on a float32 stream an NF4 w1 / w3 gives float32 outputs.
+    The first block keeps less (its input needs no gradient): not subtracted.
+    """
+    C, HD, KV, F, e = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim, precision.compute
+    targets = set(adapter.targets)
+
+    def out_bytes(target: str, b_in: int) -> int:
+        return b_in if adapter.quantize and target in targets else e
+
+    def adapter_inputs(group: tuple[str, ...], d: int, b_in: int, kept: bool = False) -> int:
+        """What the group's adapters keep of their d-wide input of b_in bytes (kept: saved anyway, by SDPA)."""
+        k = len(targets.intersection(group))
+        if adapter.dropout > 0:
+            return k * d * (e + (1 if device == "cuda" else b_in))
+        if b_in != e:  # autocast casts the float32 input once per matmul
+            return k * d * e
+        return d * e if k and not kept else 0
+
+    b1, b3 = out_bytes("w1", stream), out_bytes("w3", stream)
+    product = max(b1, b3)
+    norms = 2 * (C * max(4, stream) + 4)
+    inputs = (
+        adapter_inputs(("wq", "wk", "wv"), C, stream)
+        + adapter_inputs(("wo",), HD, e, kept=True)
+        + adapter_inputs(("w1", "w3"), C, stream)
+        + adapter_inputs(("w2",), F, product)
+    )
+    lora_hidden = len(targets) * adapter.rank * e
+    attention = (2 * HD + 2 * KV) * e + 4 * cfg.n_heads
+    feed_forward = F * (2 * b1 + b3)
+    dropout = 2 * C * (1 if device == "cuda" else e) if cfg.dropout > 0 else 0
+    return norms + inputs + lora_hidden + attention + feed_forward + dropout
+
+
+def adapter_head_activation_bytes(cfg: ModelConfig, stream: int) -> int:
+    """Per token: the final norm (frozen gain: its input and rsqrt), nothing for the frozen head, and the loss."""
+    return cfg.dim * max(4, stream) + 4 + 3 * 4 * cfg.vocab_size
+
+
 @dataclass
 class Plan:
     """Memory per device of one training configuration; the byte counts are filled in by __post_init__."""
@@ -130,6 +221,12 @@ class Plan:
     optimizer_impl: str = "auto"  # AdamW "fused", "foreach", "for-loop", or "auto" (PyTorch's default)
     device: str = "cpu (host memory)"
     device_memory: int = 0  # bytes
+    adapter: LoRAConfig | None = None  # adapter=lora / qlora: the base frozen, only the adapters train
+    data_parallel: int | None = None  # replicas reading their own batches (None: world_size), for the advice
+    trainable_params: int = field(init=False, default=0)
+    frozen_weights: int = field(init=False, default=0)  # bytes, within `weights`
+    nf4_params: int = field(init=False, default=0)  # QLoRA: frozen weights stored in NF4
+    base_bytes: int = field(init=False, default=0)  # bytes per frozen weight outside NF4
     weights: int = field(init=False, default=0)
     gradients: int = field(init=False, default=0)
     optimizer: int = field(init=False, default=0)
@@ -147,42 +244,73 @@ class Plan:
                 raise UserError(f"plan: {name}={getattr(self, name)} must be >= 1")
         if self.seq_len > self.model.max_seq_len:
             raise UserError(f"data.seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        prec, m = PRECISIONS[self.precision], self.model
+        prec, m, a = PRECISIONS[self.precision], self.model, self.adapter
         P = count_params(m)
         shard = self.world_size if self.sharded else 1
-        self.weights = math.ceil(P * prec.param / shard)
-        self.gradients = math.ceil(P * prec.grad / shard)
-        self.optimizer = math.ceil(2 * P * prec.moment / shard)
+        stream = 4 if prec.mixed else prec.param  # bytes of the residual stream
+        if a is None:
+            trainable = P
+        else:
+            trainable = adapter_params(m, a)
+            self.nf4_params = target_params(m, a) if a.quantize else 0
+            # as llm/training/adapters.py prepare_base stores the frozen weights
+            bf16_base = self.accelerator == "cuda" and self.precision.startswith("bf16")
+            self.base_bytes = 2 if bf16_base and not self.sharded else prec.param
+            frozen = (P - self.nf4_params) * self.base_bytes + self.nf4_params * NF4_BYTES
+            self.frozen_weights = math.ceil(frozen / shard)
+            if not self.sharded and self.base_bytes == 2:
+                stream = 2  # a bf16 embedding starts a bf16 stream
+        self.trainable_params = trainable
+        self.weights = self.frozen_weights + math.ceil(trainable * prec.param / shard)
+        self.gradients = math.ceil(trainable * prec.grad / shard)
+        self.optimizer = math.ceil(2 * trainable * prec.moment / shard)
 
-        block = block_activation_bytes(m, prec, self.accelerator)
+        if a is None:
+            block, head = block_activation_bytes(m, prec, self.accelerator), head_activation_bytes(m, prec)
+        else:
+            block = adapter_block_activation_bytes(m, a, prec, stream, self.accelerator)
+            head = adapter_head_activation_bytes(m, stream)
         if self.activation_checkpointing:  # each block's input, and one block's activations while it is recomputed
-            residual = 4 if prec.mixed else prec.param
-            per_token = m.n_layers * m.dim * residual + block
+            per_token = m.n_layers * m.dim * stream + block
         else:
             per_token = m.n_layers * block
-        self.activations = self.micro_batch * self.seq_len * (per_token + head_activation_bytes(m, prec))
+        self.activations = self.micro_batch * self.seq_len * (per_token + head)
 
         norms = (2 * m.n_layers + 1) * m.dim  # gains, used elementwise: never cast nor matmul'd
         embed_and_head = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
-        if self.sharded:
-            block_params = layer_params(m)
-            self.buffers = 2 * block_params * (prec.compute + prec.grad) + embed_and_head * prec.compute
-            self.buffer_kind = "2 gathered blocks + grads; embed, head"
+        kinds = []
+        if self.sharded:  # FSDP2 gathers frozen and trainable weights alike; gradients exist for the trainable only
+            block_trainable = layer_params(m) if a is None else trainable // m.n_layers
+            block_params = layer_params(m) + (0 if a is None else block_trainable)
+            self.buffers = 2 * (block_params * prec.compute + block_trainable * prec.grad)
+            self.buffers += embed_and_head * prec.compute
+            kinds.append("2 gathered blocks + grads; embed, head")
         else:
-            if prec.mixed:
+            if prec.mixed and a is None:
                 self.buffers = (matmul_params(m) - norms) * prec.compute
-                self.buffer_kind = "autocast 16-bit copy of the weights"
+                kinds.append("autocast 16-bit copy of the weights" if self.world_size == 1 else "autocast copy")
+            elif prec.mixed:  # frozen weights stored in fp32 are cast at every use, and the copy kept for backward
+                fp32_base = (matmul_params(m) - norms - self.nf4_params) if self.base_bytes > prec.compute else 0
+                self.buffers = (fp32_base + trainable) * prec.compute
+                kinds.append("16-bit: adapters" + (", fp32 base" if fp32_base else ""))
+            if a is not None and a.quantize:  # one target's weight dequantized to bf16 at a time
+                self.buffers += max(i * o for i, o in adapter_shapes(m, a).values()) * 2
+                kinds.append("NF4 dequant")
             if self.world_size > 1:
-                self.buffers += P * prec.grad
-                self.buffer_kind = "autocast copy + DDP grad buckets" if prec.mixed else "DDP gradient buckets"
+                self.buffers += trainable * prec.grad
+                kinds.append("DDP grad buckets")
+        self.buffer_kind = " + ".join(kinds)
 
         impl = self.optimizer_impl
         if impl == "auto":  # torch.optim picks foreach for tensors on CUDA, the per-tensor loop otherwise
             impl = "foreach" if self.accelerator == "cuda" else "for-loop"
         if impl == "foreach":
-            self.step_temporaries = math.ceil(P * prec.moment / shard)
+            self.step_temporaries = math.ceil(trainable * prec.moment / shard)
         elif impl == "for-loop":
-            largest = max(m.vocab_size * m.dim, m.dim * m.ffn_dim)
+            if a is None:
+                largest = max(m.vocab_size * m.dim, m.dim * m.ffn_dim)
+            else:
+                largest = a.rank * max(max(shape) for shape in adapter_shapes(m, a).values())
             self.step_temporaries = math.ceil(2 * largest * prec.moment / shard)
 
     @property
@@ -206,16 +334,41 @@ class Plan:
             return f"FSDP, sharded over {self.world_size} devices"
         return f"DDP over {self.world_size} devices" if self.world_size > 1 else "single device"
 
+    def alternatives(self) -> list[tuple[str, Plan, str]]:
+        """(overrides, their plan, why) for a run that does not fit: the largest smaller micro-batch that fits (else
+        1) with the same samples per optimizer step, and activation checkpointing, which only trainer=fsdp applies
+        (llm/training/parallelize.py)."""
+        found = []
+        samples = self.micro_batch * self.grad_accumulation * (self.data_parallel or self.world_size)
+        for b in (b for b in range(self.micro_batch - 1, 0, -1) if self.micro_batch % b == 0):
+            p = replace(self, micro_batch=b, grad_accumulation=self.grad_accumulation * self.micro_batch // b)
+            if p.fits or b == 1:
+                why = f"{p.grad_accumulation} micro-batches of {b} per optimizer step"
+                found.append((f"data.batch_size={b} data.global_batch_size={samples}", p, why))
+                break
+        qlora = self.adapter is not None and self.adapter.quantize is not None  # its NF4 base is not FSDP-sharded
+        if not self.activation_checkpointing and not (qlora and not self.sharded):
+            key = "trainer.strategy.activation_checkpointing=true"
+            if self.sharded:
+                found.append((key, replace(self, activation_checkpointing=True), ""))
+            else:
+                devices = " trainer.devices=1" if self.world_size == 1 else ""
+                base = "; the frozen base stays fp32 there, sharded" if self.adapter is not None else ""
+                p = replace(self, sharded=True, activation_checkpointing=True)
+                found.append((f"trainer=fsdp{devices} {key}", p, f"only trainer=fsdp checkpoints activations{base}"))
+        return found
+
     def report(self) -> str:
-        m, prec = self.model, PRECISIONS[self.precision]
+        m, prec, a = self.model, PRECISIONS[self.precision], self.adapter
         P, shard = self.params, self.world_size if self.sharded else 1
+        N = self.trainable_params
         tokens = self.micro_batch * self.seq_len
         fpt = flops_per_token(m, self.seq_len)
-        dtype = {8: "fp64", 4: "fp32", 2: "16-bit"}
+        dtype = {8: "fp64", 4: "fp32", 2: "bf16" if self.precision.startswith("bf16") else "16-bit"}
         unit, scale = ("GB", GB) if self.total >= GB else ("MB", 10**6)
 
         def row(name: str, what: str, n: float, unsharded: float | None = None) -> str:
-            line = f"  {name:<12}{what:<38}{n / scale:10.2f}"
+            line = f"  {name:<12}{what:<46}{n / scale:10.2f}"
             return line + (f"{unsharded / scale:12.2f}" if shard > 1 and unsharded is not None else "")
 
         state_bytes = prec.param + prec.grad + 2 * prec.moment
@@ -225,23 +378,52 @@ class Plan:
             f"{'tied' if m.tie_embeddings else 'untied'} embeddings, max_seq_len {m.max_seq_len}",
             f"parameters   {P:,} ({_count(P)}), non-embedding {count_params(m, embedding=False):,}; "
             f"the weights alone: {P * 2 / scale:.3g} {unit} in bf16, {P * 4 / scale:.3g} {unit} in fp32",
+        ]
+        if a is not None:
+            lines.append(
+                f"adapter      {'QLoRA' if a.quantize else 'LoRA'} rank {a.rank} (alpha {a.alpha:g}, dropout "
+                f"{a.dropout:g}) on {' '.join(a.targets)} of {m.n_layers} blocks: {N:,} trainable parameters "
+                f"({100 * N / P:.2f}% of the base), the base frozen"
+            )
+        lines += [
             f"FLOPs        {fpt:.3e} per token (training, 6N + attention: N = {_count(matmul_params(m))} matmul "
             f"parameters, seq_len {self.seq_len}); {fpt * tokens:.3e} per micro-batch",
             f"run          {self.precision}, {self.strategy}, micro-batch {self.micro_batch} x {self.seq_len} "
             f"tokens, gradient accumulation {self.grad_accumulation}, activation checkpointing "
             f"{'on' if self.activation_checkpointing else 'off'}",
             "",
-            f"memory ({unit} = 1e{9 if unit == 'GB' else 6} bytes){'':<27}{'per device':>10}"
+            f"memory ({unit} = 1e{9 if unit == 'GB' else 6} bytes){'':<35}{'per device':>10}"
             + (f"{'unsharded':>12}" if shard > 1 else ""),
-            row("weights", f"{dtype[prec.param]}, {prec.param} B/param", self.weights, P * prec.param),
-            row("gradients", f"{dtype[prec.grad]}, {prec.grad} B/param", self.gradients, P * prec.grad),
+        ]
+        only = "" if a is None else " (adapters)"  # gradients and optimizer state: of the trainable only
+        if a is None:
+            lines.append(row("weights", f"{dtype[prec.param]}, {prec.param} B/param", self.weights, P * prec.param))
+        else:
+            nf4, rest = self.nf4_params, P - self.nf4_params
+            if nf4:
+                lines.append(
+                    row("frozen", f"{_count(nf4)} targets, NF4, {8 * NF4_BYTES:.2f} bit/param", nf4 * NF4_BYTES / shard)
+                )
+            what = f"{_count(rest)} {'others' if nf4 else 'base'}, {dtype[self.base_bytes]}, {self.base_bytes} B/param"
+            lines.append(row("" if nf4 else "frozen", what, rest * self.base_bytes / shard, rest * self.base_bytes))
+            lines.append(
+                row("trainable", f"{_count(N)} adapters, {dtype[prec.param]}, {prec.param} B/param",
+                    self.weights - self.frozen_weights, N * prec.param)
+            )  # fmt: skip
+        lines += [
+            row("gradients", f"{dtype[prec.grad]}, {prec.grad} B/param{only}", self.gradients, N * prec.grad),
             row(
                 "optimizer",
-                f"AdamW moments, 2 x {dtype[prec.moment]}, {2 * prec.moment} B/param",
+                f"AdamW moments{only}, 2 x {dtype[prec.moment]}, {2 * prec.moment} B/param",
                 self.optimizer,
-                2 * P * prec.moment,
+                2 * N * prec.moment,
             ),
-            row("", f"states: {state_bytes} B/param", self.weights + self.gradients + self.optimizer, P * state_bytes),
+            row(
+                "",
+                f"{'adapter ' if a else ''}states: {state_bytes} B/param",
+                self.weights - self.frozen_weights + self.gradients + self.optimizer,
+                N * state_bytes,
+            ),
             row("activations", f"{tokens} tokens x {self.activations / tokens / 1e6:.3g} MB", self.activations),
             row("buffers", self.buffer_kind or "-", self.buffers),
             row("step temps", "optimizer step", self.step_temporaries),
@@ -254,19 +436,26 @@ class Plan:
             f"device       {self.device}: {self.device_memory / GB:.1f} GB ({self.device_memory / 2**30:.1f} GiB)"
             f" -> {verdict}"
         )
+        for i, (keys, p, why) in enumerate([] if self.fits else self.alternatives()):
+            verdict = "fits" if p.fits else "does NOT fit"
+            lines.append(
+                f"{'instead' if i == 0 else '':<13}{keys}: {p.total / GB:.2f} GB -> {verdict}" + (why and f" ({why})")
+            )
         return "\n".join(lines)
 
 
-def _count(n: int) -> str:
+def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 10**9 else f"{n / 1e6:.1f}M"
 
 
 def check(plan: Plan) -> None:
-    """Refuse a run that will not fit, with one line naming the shortfall."""
+    """Refuse a run that will not fit, with one line naming the shortfall (and what fits, when something does)."""
     if not plan.fits:
+        fitting = [keys for keys, p, _ in plan.alternatives() if p.fits]
         raise UserError(
             f"plan: the run needs about {plan.total / GB:.1f} GB per device but {plan.device} has "
             f"{plan.device_memory / GB:.1f} GB (short by {(plan.total - plan.device_memory) / GB:.1f} GB); "
-            "use a smaller model or micro-batch, shard with trainer=fsdp, "
+            + (f"{fitting[0]} fits; " if fitting else "")
+            + "use a smaller model or micro-batch, shard with trainer=fsdp, "
             "or skip this check with plan.check=false (python -m llm.plan shows the breakdown)"
         )

@@ -1,6 +1,6 @@
 """A Llama-style decoder-only Transformer, architecture only.
 
-Reading order: RMSNorm, rotary embeddings, Attention, FeedForward, Block, KVCache, Transformer.
+Reading order: RMSNorm, rotary embeddings, Attention, FeedForward, Block, KVCache, the masks, Transformer.
 Shapes: B batch, T new tokens, S keys attended to (T, or cached + new), H query heads, K key/value heads,
 D head_dim, C model dim, V vocabulary.
 
@@ -11,6 +11,7 @@ Training, parallelism and compilation are applied from outside (see llm/training
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,12 @@ from llm.core.config import ModelConfig
 
 # `enable_gqa` lets SDPA share K/V heads without materialising the repeats (PyTorch >= 2.5).
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+try:  # PyTorch >= 2.5; used for packed sequences on CUDA only (see FLEX_MIN_LEN)
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.utils._triton import has_triton  # flex attention compiles to a Triton kernel
+except ImportError:  # pragma: no cover - older torch: packed sequences take the SDPA-with-mask path
+    BlockMask = create_block_mask = flex_attention = has_triton = None
 
 
 class Linear(nn.Linear):
@@ -173,14 +180,15 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
         """x (B, T, C); cos, sin from RotaryEmbedding; cache: this layer's (k, v) buffers.
 
-        mask: None, or additive float / bool (B or 1, 1, T, S). None is causal, and a single new token (T = 1)
-        attends to every slot S (with a cache: all those written so far).
+        mask: None, or additive float / bool (B or 1, 1, T, S), or a flex-attention BlockMask (packed sequences on
+        CUDA, see Transformer.hidden). None is causal, and a single new token (T = 1) attends to every slot S (with a
+        cache: all those written so far).
         """
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # 2-D, so that each projection is one plain matmul
@@ -202,15 +210,18 @@ class Attention(nn.Module):
             else:  # query head h uses key/value head h // (H / K), as in HF's repeat_kv
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1,
-            **gqa,
-        )  # (B, H, T, D)
+        if BlockMask is not None and isinstance(mask, BlockMask):  # chosen only without dropout (flex has none)
+            y = _compiled_flex_attention()(q, k, v, block_mask=mask, **gqa)  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None and T > 1,
+                **gqa,
+            )  # (B, H, T, D)
         y = self.wo(y.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))  # (B*T, C)
         if self.dropout and self.training:
             y = self.resid_dropout(y)
@@ -252,7 +263,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
@@ -320,6 +331,46 @@ def attention_mask(valid: torch.Tensor | None, start: int, T: int, device: torch
     return allowed.unsqueeze(1)  # (B or 1, 1, T, S)
 
 
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal boolean mask (B, 1, T, T) of segment ids (B, T): query t sees key s iff s <= t and both
+    carry the same id (packed examples, or documents). The diagonal is always True: no row is all-masked."""
+    pos = torch.arange(segments.shape[1], device=segments.device)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return ((pos[None, :] <= pos[:, None]) & same).unsqueeze(1)  # causal (T, T) & same -> (B, 1, T, T)
+
+
+# Packed sequences on CUDA take flex attention from this length on. SDPA with a dense mask cannot use FlashAttention
+# (only the memory-efficient and math kernels take a mask), reads a (B, T, T) mask in every layer and computes every
+# block of scores; a BlockMask skips the 128 x 128 blocks masked whole, so with examples much shorter than T the work
+# grows with the sum of squared example lengths, not T^2. Below ~8 blocks a side few blocks are skipped and the dense
+# mask is small: not worth a compiled kernel. An estimate, not measured (no GPU here); the CPU always uses SDPA.
+FLEX_MIN_LEN = 1024
+
+
+def use_flex_attention(device: torch.device, T: int, cfg: ModelConfig, dropout_active: bool) -> bool:
+    """Whether packed attention on ``device`` takes flex attention; anything it does not support falls back to SDPA."""
+    if flex_attention is None or device.type != "cuda" or T < FLEX_MIN_LEN or dropout_active:  # flex: no dropout
+        return False
+    D = cfg.head_dim
+    return has_triton() and D >= 16 and D & (D - 1) == 0  # the head sizes its kernel handles everywhere
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process (uncompiled, it materialises the full scores)."""
+    return torch.compile(flex_attention)
+
+
+def segment_block_mask(segments: torch.Tensor) -> BlockMask:
+    """The flex-attention BlockMask of segment_mask (same rule), shared by every head and layer."""
+    B, T = segments.shape
+
+    def block_causal(b, h, q, k):
+        return (k <= q) & (segments[b, q] == segments[b, k])
+
+    return create_block_mask(block_causal, B, None, T, T, device=segments.device)
+
+
 class Transformer(nn.Module):
     """tokens (B, T) -> logits (B, T, V). See KVCache for generation with caching and left padding."""
 
@@ -374,9 +425,14 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, C). Arguments as in forward."""
         B, T = tokens.shape
+        if segments is not None and (kv_cache is not None or mask is not None):
+            raise ValueError("segments (packed sequences) cannot be combined with kv_cache or mask")
+        if segments is not None and (segments.shape != (B, T) or segments.is_floating_point()):
+            raise ValueError(f"segments must be integer ids ({B}, {T}), got {tuple(segments.shape)} {segments.dtype}")
         start = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None and start + T > kv_cache.max_len:
             raise ValueError(f"KVCache is full: {start} cached + {T} new tokens > max_len={kv_cache.max_len}")
@@ -397,9 +453,15 @@ class Transformer(nn.Module):
 
         # No mask where SDPA needs none, which lets it pick its fastest kernel: training (causal), a prompt without
         # padding filling an empty cache (causal), one new token without padding (it sees every cached slot).
-        attn_mask = None
-        if mask is not None or (kv_cache is not None and start > 0 and T > 1):
+        attn_mask, allowed = None, None
+        if segments is not None:  # packed: block-diagonal causal, a BlockMask for flex attention or a dense mask
+            if use_flex_attention(tokens.device, T, self.cfg, dropout_active=self.training and self.cfg.dropout > 0):
+                attn_mask = segment_block_mask(segments)
+            else:
+                allowed = segment_mask(segments)  # (B, 1, T, T) bool
+        elif mask is not None or (kv_cache is not None and start > 0 and T > 1):
             allowed = attention_mask(mask, start, T, tokens.device)  # (B or 1, 1, T, S) bool
+        if allowed is not None:
             # additive, built once for all layers (SDPA would convert a bool mask in each layer)
             attn_mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill_(
                 allowed.logical_not(), float("-inf")
@@ -419,12 +481,17 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V).
 
         input_pos: rotary positions of the tokens, (T,) or (B, T); default: 0..T-1 (or the cache slots).
         mask: (B, S) bool, True at valid key slots (False on left padding); S >= cached + T, extra columns ignored.
         kv_cache: a KVCache to read and extend (see its docstring).
-        With all three None (training) attention is plainly causal.
+        segments: (B, T) integer ids of packed sequences (examples, documents): a token attends only to earlier or
+            same positions of its own segment (block-diagonal causal). Give the padding of a row an id of its own.
+            Usually with input_pos restarting at 0 in each segment; not with mask or kv_cache.
+        With all four None (training) attention is plainly causal.
         """
-        return self.output(self.hidden(tokens, input_pos=input_pos, mask=mask, kv_cache=kv_cache))  # (B, T, V)
+        hidden = self.hidden(tokens, input_pos=input_pos, mask=mask, kv_cache=kv_cache, segments=segments)
+        return self.output(hidden)  # (B, T, V)

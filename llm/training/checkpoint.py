@@ -16,6 +16,7 @@ precision, and ``init_from`` takes the shape from the checkpoint.
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import os
 import tempfile
@@ -27,8 +28,10 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from llm.core import lora
 from llm.core.config import ModelConfig
 from llm.errors import LLMError, UserError
+from llm.training import adapters
 
 PREFIX = "model."  # the LightningModule holds the Transformer as `model`
 HEAD = "head."  # and a classifier its head as `head`
@@ -59,9 +62,19 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path) / "meta.pt").is_file() and (Path(path) / ".metadata").is_file()
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file, memory-mapped (a tensor is read from disk when touched), with a one-line error."""
-    path = Path(path)
+def load(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    """A checkpoint file, memory-mapped (a tensor is read from disk when touched), with a one-line error.
+
+    An adapter checkpoint (llm/training/adapters.py) comes back whole: its base's tensors (read from the path it
+    records, or ``base``, and checked against the recorded hash) with the adapters' beside them.
+    """
+    ckpt = _load_file(Path(path))
+    if "adapter" in ckpt:
+        ckpt = _with_base(ckpt, Path(path), base)
+    return ckpt
+
+
+def _load_file(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise UserError(f"{path}: is a directory; give a single .ckpt file (a sharded checkpoint must be consolidated)")
     if not path.is_file():
@@ -75,11 +88,55 @@ def load(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def _with_base(ckpt: dict[str, Any], path: Path, base: str | Path | None) -> dict[str, Any]:
+    recorded = ckpt["adapter"].get("base") or {}
+    base_path = Path(base if base is not None else recorded.get("path", ""))
+    if not base_path.is_file():
+        raise UserError(
+            f"{path}: holds LoRA adapters whose base checkpoint {base_path} is not there"
+            " (give it with --base PATH, or put it back)"
+        )
+    if recorded.get("sha256") and digest(base_path) != recorded["sha256"]:
+        raise UserError(
+            f"{path}: its adapters were trained on a base with sha256 {recorded['sha256'][:12]}, but {base_path}"
+            " has other contents"
+        )
+    whole = load(base_path)
+    state = {k: v for k, v in whole["state_dict"].items() if k.startswith(PREFIX)}
+    state.update(ckpt["state_dict"])  # the adapters, and a classifier's head
+    merged = {k: v for k, v in whole.items() if k not in ("state_dict", "loops", "optimizer_states")}
+    merged.update(ckpt)
+    merged["state_dict"] = state
+    return merged
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def digest(path: str | Path) -> str:
+    """sha256 of a checkpoint's bytes (a directory: of its files' names and bytes, in order), cached per process
+    by path, size and modification time: a 7B checkpoint takes seconds to hash."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stat = [f.stat() for f in files]
+    key = (str(path), sum(s.st_size for s in stat), max((s.st_mtime_ns for s in stat), default=0))
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for f in files:
+            if path.is_dir():
+                h.update(str(f.relative_to(path)).encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def load_meta(path: str | Path) -> dict[str, Any]:
     """Everything but the weights' values: a sharded directory's ``meta.pt``, or the (memory-mapped) file."""
     if is_sharded(path):
         return torch.load(Path(path) / "meta.pt", map_location="cpu", weights_only=False)
-    return load(path)
+    return _load_file(Path(path))
 
 
 def model_config_of(ckpt: Mapping[str, Any], path: str | Path) -> ModelConfig:
@@ -98,11 +155,19 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def model_state(ckpt: Mapping[str, Any], cfg: ModelConfig, path: str | Path) -> dict[str, torch.Tensor]:
+def model_state(
+    ckpt: Mapping[str, Any], cfg: ModelConfig, path: str | Path, merge: bool = True
+) -> dict[str, torch.Tensor]:
     """The Transformer's tensors by our names (module prefix and metric states dropped), checked against ``cfg``.
 
-    With tied embeddings ``output.weight`` may be absent (it is the embedding)."""
+    With tied embeddings ``output.weight`` may be absent (it is the embedding). LoRA adapters are folded into
+    the weights they adapt (``merge``), or kept as ``<layer>.lora_a`` / ``.lora_b`` tensors."""
     state = {k[len(PREFIX) :].replace(_COMPILED, ""): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    adapters = {k: v for k, v in state.items() if lora.is_adapter_key(k)}
+    if adapters and merge:
+        state = lora.merge_state(state, lora.LoRAConfig.from_dict(ckpt["adapter"]["config"]).scale)
+    elif adapters:
+        state = {k: v for k, v in state.items() if k not in adapters}
     expected = expected_shapes(cfg)
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set()))
@@ -114,6 +179,8 @@ def model_state(ckpt: Mapping[str, Any], cfg: ModelConfig, path: str | Path) -> 
     for name, t in state.items():
         if tuple(t.shape) != expected[name]:
             raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, the config implies {expected[name]}")
+    if adapters and not merge:
+        state.update(adapters)
     return state
 
 
@@ -192,8 +259,14 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     return ckpt_path
 
 
-def check_resume(ckpt_path: str | None, model: ModelConfig) -> None:
-    """Refuse, in one line, a checkpoint that cannot resume a run of ``model``: unreadable, or of another model."""
+def check_resume(
+    ckpt_path: str | None,
+    model: ModelConfig,
+    adapter: lora.LoRAConfig | None = None,
+    base: dict[str, str] | None = None,
+) -> None:
+    """Refuse, in one line, a checkpoint that cannot resume a run of ``model``: unreadable, of another model, or
+    with other adapters than ``adapter`` (trained on another ``base``) (llm/training/adapters.py)."""
     if ckpt_path is None:
         return
     ckpt = load_meta(ckpt_path)  # memory-mapped: cheap even for large models; UserError if truncated
@@ -205,6 +278,7 @@ def check_resume(ckpt_path: str | None, model: ModelConfig) -> None:
         raise UserError(f"{ckpt_path}: the checkpoint is of another model ({'; '.join(diff[:4])})")
     if "loops" not in ckpt:
         raise UserError(f"{ckpt_path}: holds weights only and cannot resume a run; use init_from= instead")
+    adapters.check_checkpoint(ckpt, adapter, base, ckpt_path)
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:

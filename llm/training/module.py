@@ -37,10 +37,11 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from llm.core import lora
 from llm.core.config import ModelConfig
 from llm.core.model import Transformer
 from llm.errors import UserError
-from llm.training import parallelize
+from llm.training import adapters, parallelize
 from llm.training.optim import fused_default, loss_scaled, param_groups
 from llm.training.plots import log_confusion
 
@@ -55,6 +56,8 @@ class TransformerModule(L.LightningModule):
         model: a ``ModelConfig`` as a dict (its ``vocab_size`` already set from the tokenizer).
         optimizer: a partial optimizer (``conf/optim``), called with the parameter groups.
         scheduler: a partial scheduler (``conf/sched``), called with the optimizer and the run's step count.
+        adapter: a ``LoRAConfig`` as a dict (``adapter=lora``): the Transformer's weights are frozen and only the
+            adapters (and a classifier's head) train; checkpoints then hold those alone (see ``adapter_base``).
     """
 
     def __init__(
@@ -62,12 +65,16 @@ class TransformerModule(L.LightningModule):
         model: dict[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        adapter: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.config = ModelConfig.from_dict(model)
+        self.adapter = None if adapter is None else lora.LoRAConfig.from_dict(adapter)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.model: Transformer | None = None
+        # with adapters: the frozen weights' checkpoint, {"path", "sha256"}, recorded in every adapter checkpoint
+        self.adapter_base: dict[str, str] | None = None
         self._parallelized = False
         # the tokenizer travels inside every checkpoint, so a .ckpt alone can be converted, generated from, finetuned
         self.tokenizer_json: str | None = None
@@ -80,7 +87,13 @@ class TransformerModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:  # idempotent: Lightning may call it again when restoring
             self.model = Transformer(self.config)
-        if self._trainer is not None and not self._parallelized:  # compile / FSDP, applied from outside the model
+            if self.adapter is not None:
+                lora.apply(self.model, self.adapter)
+                if self.config.compile:
+                    adapters.one_graph_per_block(self.model)
+        if self._trainer is not None and not self._parallelized:
+            if self.adapter is not None:  # the frozen base in bf16 / NF4 on GPU, before sharding or compiling
+                adapters.prepare_base(self.model, self.adapter, self.trainer.strategy, self.trainer.precision)  # compile / FSDP, applied from outside the model
             parallelize.apply(self.model, self.config, self.trainer.strategy)
             self._parallelized = True
 
@@ -89,6 +102,7 @@ class TransformerModule(L.LightningModule):
         self.configure_model()
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (k == "output.weight" and self.config.tie_embeddings)]
+        missing = [k for k in missing if not lora.is_adapter_key(k)]  # new adapters start from their own init
         if missing or unexpected:
             raise ValueError(f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -100,8 +114,22 @@ class TransformerModule(L.LightningModule):
         if self.chat_template is not None:
             checkpoint["chat_template"] = self.chat_template
         checkpoint.update(self.checkpoint_extras)
+        if self.adapter is not None:
+            adapters.keep_trainable(self, checkpoint)
+
+    @property
+    def strict_loading(self) -> bool:
+        # an adapter checkpoint holds the trainable tensors only: the frozen base comes from init_from
+        # (adapters.check_resumable checks that the tensors it holds are all the trainable ones)
+        return self.adapter is None and self._strict_loading in (None, True)
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self._strict_loading = value
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapter is not None:
+            adapters.check_resumable(self, checkpoint)
         self.tokenizer_json = checkpoint.get("tokenizer", self.tokenizer_json)
         self.chat_format = checkpoint.get("chat_format", self.chat_format)
         self.chat_template = checkpoint.get("chat_template", self.chat_template)
@@ -147,8 +175,9 @@ class TransformerModule(L.LightningModule):
 class CausalLM(TransformerModule):
     """Next-token prediction with cross-entropy that ignores ``IGNORE_INDEX`` labels (padding, prompts).
 
-    Batches are ``{"input_ids", "labels"}`` of shape (B, T), labels already shifted (label t is token t + 1).
-    Arguments as in :class:`TransformerModule`.
+    Batches are ``{"input_ids", "labels"}`` of shape (B, T), labels already shifted (label t is token t + 1); packed
+    batches add ``positions`` (rotary positions, restarting at 0 per example) and ``segments`` (example ids: attention
+    stays inside each example), both (B, T). Arguments as in :class:`TransformerModule`.
     """
 
     def __init__(
@@ -156,8 +185,9 @@ class CausalLM(TransformerModule):
         model: dict[str, Any],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        adapter: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, optimizer, scheduler)
+        super().__init__(model, optimizer, scheduler, adapter)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # metric states are not persistent: renaming or adding one leaves checkpoints as they are
         self.val_loss = MeanMetric()  # weighted by the tokens of each batch: the loss per token
@@ -171,21 +201,24 @@ class CausalLM(TransformerModule):
         self.val_text_nats = SumMetric().set_dtype(torch.float64)
         self.val_text_bytes = SumMetric().set_dtype(torch.float64)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.model(input_ids, input_pos=positions, segments=segments)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # logits (B, T, V), labels (B, T); mean over the tokens that count
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"])
+        logits = self(batch["input_ids"], batch.get("positions"), batch.get("segments"))
         loss = self.loss(logits, batch["labels"])
         self.log("train/loss", loss)  # shown by callbacks.progress.ProgressBar at refresh: no per-step sync
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.update_validation_metrics(self(batch["input_ids"]), batch["labels"])
+        logits = self(batch["input_ids"], batch.get("positions"), batch.get("segments"))
+        self.update_validation_metrics(logits, batch["labels"])
 
     def update_validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch's logits (B, T, V) against its labels (B, T) to the epoch's metrics."""
@@ -263,7 +296,7 @@ class SequenceClassifier(TransformerModule):
         model: a ``ModelConfig`` as a dict.
         labels: the class names, in class-index order (saved with the checkpoint).
         label_smoothing: of the training loss (the validation loss is plain cross-entropy).
-        optimizer, scheduler: as in :class:`TransformerModule`.
+        optimizer, scheduler, adapter: as in :class:`TransformerModule`.
     """
 
     def __init__(
@@ -273,8 +306,9 @@ class SequenceClassifier(TransformerModule):
         label_smoothing: float = 0.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        adapter: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(model, optimizer, scheduler)
+        super().__init__(model, optimizer, scheduler, adapter)
         labels = [str(label) for label in labels]
         if len(labels) < 2:
             raise UserError(f"a classifier needs at least 2 labels, got {labels}")

@@ -212,6 +212,37 @@ class FSDP2Strategy(ModelParallelStrategy):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         self.barrier()
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's, except for an adapter run's sharded checkpoint, which holds the trainable tensors only:
+        Lightning asks the checkpoint for every tensor of the model (frozen base included) and fails."""
+        from llm.training import adapters
+        from llm.training.checkpoint import is_sharded
+
+        module = self.lightning_module
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if getattr(module, "adapter", None) is None or not is_sharded(path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        names = adapters.trainable_names(module)
+        state = {"state_dict": {k: v for k, v in get_model_state_dict(self.model).items() if k in names}}
+        load(state, checkpoint_id=path)  # into the local shards of those tensors
+        self.model.load_state_dict(state["state_dict"], strict=False)
+        for i, optimizer in enumerate(self.optimizers):  # named as Lightning saves them (optimizer_states_from_list)
+            optim_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"],
+                options=StateDictOptions(cpu_offload=True),
+            )  # fmt: skip
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:
             path = Path(filepath)

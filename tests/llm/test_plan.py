@@ -7,6 +7,7 @@ Run as a script, this file is the measuring subprocess: `python tests/llm/test_p
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,7 +30,8 @@ PARAMS = {
 def measure(runs: list[dict]) -> list[dict]:
     """Peak resident memory above the pre-model baseline of a few training steps of CausalLM on the CPU.
 
-    Each run: build the LightningModule's model and AdamW (as configure_optimizers does), then twice
+    Each run: build the LightningModule's model (with the run's "adapter", a LoRAConfig dict, when given: the base
+    frozen) and AdamW (as configure_optimizers does), then twice
     forward and loss (under bf16 autocast for *-mixed, as Lightning's precision plugin does), backward,
     gradient clipping (the default trainer clips), optimizer step, zero_grad (set to None, Lightning's default).
     The peak RSS is reset (/proc/self/clear_refs) at the baseline and read from VmHWM.
@@ -55,7 +57,7 @@ def measure(runs: list[dict]) -> list[dict]:
             f.write("5")  # reset VmHWM to the current RSS
         baseline = status("VmRSS")
         optimizer = partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-        module = CausalLM(cfg.to_dict(), optimizer=optimizer)
+        module = CausalLM(cfg.to_dict(), optimizer=optimizer, adapter=run.get("adapter"))
         module.configure_model()
         opt = module.configure_optimizers()["optimizer"]
         mixed = run["precision"].endswith("-mixed")
@@ -67,7 +69,14 @@ def measure(runs: list[dict]) -> list[dict]:
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        results.append({"peak": status("VmHWM") - baseline, "weights": sum(p.numel() for p in module.parameters())})
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        results.append(
+            {
+                "peak": status("VmHWM") - baseline,
+                "weights": sum(p.numel() for p in module.parameters()),
+                "trainable": trainable,
+            }
+        )
         del module, opt, loss
     return results
 
@@ -82,7 +91,16 @@ import pytest  # noqa: E402
 from llm import plan as planner  # noqa: E402
 from llm.app import schema  # noqa: E402
 from llm.app.spec import memory_plan, resolve  # noqa: E402
-from llm.core.memory import PRECISIONS, Plan, block_activation_bytes, check  # noqa: E402
+from llm.core import lora  # noqa: E402
+from llm.core.memory import (  # noqa: E402
+    PRECISIONS,
+    Plan,
+    adapter_block_activation_bytes,
+    adapter_params,
+    block_activation_bytes,
+    check,
+    target_params,
+)
 from llm.core.model import Transformer  # noqa: E402
 from llm.errors import UserError  # noqa: E402
 from tests.conftest import debug_model  # noqa: E402
@@ -198,15 +216,12 @@ def test_cli_runs_as_a_module():
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
-def test_block_activations_are_what_autograd_saves(precision):
-    """block_activation_bytes counts, per token, exactly the tensors autograd keeps (parameters and autocast's
-    weight copies excluded: those are weights and buffers)."""
-    # wider than the debug model: per-token activations must stand out from the weights by their shapes
-    cfg = debug_model(dim=256, n_layers=1, ffn_dim=704, vocab_size=1000)
-    model = Transformer(cfg)
-    if precision == "bf16-true":
-        model = model.to(torch.bfloat16)
+# wider than the debug model: per-token activations must stand out from the weights by their shapes
+WIDE = debug_model(dim=256, n_layers=1, ffn_dim=704, vocab_size=1000)
+
+
+def saved_bytes_per_token(model: Transformer, precision: str) -> float:
+    """What autograd keeps for the first block's backward, per token (parameters and their copies excluded)."""
     B, T = 8, 48  # B * T differs from every weight dimension: activations are told apart from weights by shape
     h = model.tok_embeddings(torch.randint(0, 1000, (B, T))).detach().requires_grad_()
     cos, sin = model.rope(torch.arange(T))
@@ -221,8 +236,47 @@ def test_block_activations_are_what_autograd_saves(precision):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.endswith("mixed")):
             model.layers[0](h, cos, sin)
-    measured = sum(saved.values()) / (B * T)  # includes the (T, D) rotary tables: per position, <0.5% here
-    assert measured == pytest.approx(block_activation_bytes(cfg, PRECISIONS[precision], "cpu"), rel=0.01)
+    return sum(saved.values()) / (B * T)  # includes the (T, D) rotary tables: per position, <0.5% here
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_block_activations_are_what_autograd_saves(precision):
+    """block_activation_bytes counts, per token, exactly the tensors autograd keeps (parameters and autocast's
+    weight copies excluded: those are weights and buffers)."""
+    model = Transformer(WIDE)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    measured = saved_bytes_per_token(model, precision)
+    assert measured == pytest.approx(block_activation_bytes(WIDE, PRECISIONS[precision], "cpu"), rel=0.01)
+
+
+# ~22M parameters: big enough that activations and weights stand out from the process's one-time buffers
+MEASURED_SHAPE = [
+    "model.dim=384",
+    "model.n_layers=6",
+    "model.n_heads=6",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=1024",
+    "model.vocab_size=16384",
+    "model.tie_embeddings=false",
+]
+
+
+def measured_peaks(plans: list[Plan]) -> list[dict]:
+    """``measure`` the plans' runs in a subprocess (see the test below for why the malloc setting)."""
+    runs = [
+        {"model": p.model.to_dict(), "precision": p.precision, "batch": p.micro_batch, "seq_len": p.seq_len}
+        | ({"adapter": p.adapter.to_dict()} if p.adapter is not None else {})
+        for p in plans
+    ]
+    # one thread: OpenMP's barriers make a 2-thread run on a busy shared machine many times slower
+    path = os.pathsep.join(filter(None, [str(CONF.parent), os.environ.get("PYTHONPATH")]))  # the child imports llm
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    out = subprocess.run(
+        [sys.executable, __file__, json.dumps(runs)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -234,30 +288,12 @@ def test_estimate_matches_measured_peak_of_cpu_training():
     the OS, so peak RSS follows live memory (as torch.cuda.max_memory_allocated does on a GPU). Three regimes:
     activations dominate (fp32 and bf16 autocast), and the optimizer step dominates (one short sequence).
     """
-    shape = [
-        "model.dim=384",
-        "model.n_layers=6",
-        "model.n_heads=6",
-        "model.n_kv_heads=2",
-        "model.ffn_dim=1024",
-        "model.vocab_size=16384",
-        "model.tie_embeddings=false",
-    ]
     cases = [("32-true", 4, 128), ("bf16-mixed", 4, 128), ("32-true", 1, 32)]
     plans = [
-        plan_of(*shape, f"trainer.precision={p}", f"data.batch_size={b}", f"data.seq_len={t}") for p, b, t in cases
+        plan_of(*MEASURED_SHAPE, f"trainer.precision={p}", f"data.batch_size={b}", f"data.seq_len={t}")
+        for p, b, t in cases
     ]
-    runs = [
-        {"model": p.model.to_dict(), "precision": p.precision, "batch": p.micro_batch, "seq_len": p.seq_len}
-        for p in plans
-    ]
-    # one thread: OpenMP's barriers make a 2-thread run on a busy shared machine many times slower
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, __file__, json.dumps(runs)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = measured_peaks(plans)
     report = []
     for p, m in zip(plans, measured):
         assert m["weights"] == p.params
@@ -267,3 +303,159 @@ def test_estimate_matches_measured_peak_of_cpu_training():
     print("\n".join(report))
     for p, m in zip(plans, measured):
         assert p.total == pytest.approx(m["peak"], rel=0.25), report
+
+
+# ------------------------------------------------------------------------------------------------- adapters
+
+ISSUE = ["model=7b", "experiment=finetune", "trainer=gpu", "plan.device_memory_gb=24"]  # issue 13's 7B on 24 GB
+LORA_7B = 32 * (4 * 8 * (4096 + 4096) + 3 * 8 * (4096 + 11008))  # rank 8 on the 7 projections of 32 blocks
+P_7B = PARAMS["7b"]
+
+
+def planned(*overrides: str) -> Plan:
+    """python -m llm.plan's plan: no init_from, no GPU needed (resolve's planning=True)."""
+    return memory_plan(resolve(schema.compose(list(overrides)), planning=True))
+
+
+@pytest.mark.parametrize("targets", [list(lora.TARGETS), ["wq", "wv"], ["w2"]])
+@pytest.mark.parametrize("model", [debug_model(), debug_model(n_kv_heads=4, tie_embeddings=True)])
+def test_adapter_counts_are_the_adapted_model_s(model, targets):
+    cfg = lora.LoRAConfig(rank=4, targets=targets)
+    with torch.device("meta"):
+        adapted = lora.apply(Transformer(model), cfg)
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in adapted.parameters() if not p.requires_grad)
+    p = Plan(model=model, adapter=cfg, seq_len=32)
+    assert p.trainable_params == adapter_params(model, cfg) == trainable and p.params == frozen
+    assert target_params(model, cfg) == sum(layer.weight.numel() for _, layer in lora.layers(adapted))
+    assert (p.frozen_weights, p.weights) == (4 * frozen, 4 * (frozen + trainable))  # fp32 on the CPU
+    assert (p.gradients, p.optimizer) == (4 * trainable, 8 * trainable)  # of the adapters only
+
+
+@pytest.mark.parametrize(
+    ("precision", "bf16_base", "dropout", "targets"),
+    [
+        ("32-true", False, 0.05, list(lora.TARGETS)),
+        ("32-true", False, 0.0, ["wq", "wv"]),
+        ("bf16-mixed", False, 0.05, list(lora.TARGETS)),  # the CPU's: an fp32 base, autocast casts every input
+        ("bf16-mixed", False, 0.0, ["wo", "w2"]),
+        ("bf16-mixed", True, 0.05, list(lora.TARGETS)),  # the base as prepare_base stores it on a GPU: bf16 stream
+        ("bf16-mixed", True, 0.0, list(lora.TARGETS)),
+        ("bf16-true", False, 0.0, ["w1"]),
+    ],
+)
+def test_adapter_block_activations_are_what_autograd_saves(precision, bf16_base, dropout, targets):
+    """With a frozen base, a block keeps what adapter_block_activation_bytes counts: the frozen projections keep
+    no inputs, the adapters keep theirs (dropped copies and masks with dropout), the rest as in full training."""
+    cfg = lora.LoRAConfig(rank=8, dropout=dropout, targets=targets)
+    model = lora.apply(Transformer(WIDE), cfg)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    if bf16_base:  # what llm/training/adapters.py prepare_base does on one GPU under bf16
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    stream = 2 if bf16_base or precision == "bf16-true" else 4
+    expected = adapter_block_activation_bytes(WIDE, cfg, PRECISIONS[precision], stream, "cpu")
+    assert saved_bytes_per_token(model, precision) == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.slow
+def test_adapter_estimate_matches_measured_peak_of_cpu_training():
+    """LoRA on the CPU (the base frozen in fp32, AdamW on the adapters): planned vs measured peak as above, with
+    activations dominating. The first run of the process also pays one-time runtime buffers the plan leaves out."""
+    cases = [
+        ("32-true", ["adapter=lora"]),
+        ("bf16-mixed", ["adapter=lora"]),
+        ("32-true", ["adapter=lora", "adapter.dropout=0", "adapter.targets=[wq,wv]"]),
+    ]
+    plans = [
+        planned(*FIXED, *MEASURED_SHAPE, f"trainer.precision={p}", "data.batch_size=4", "data.seq_len=128", *a)
+        for p, a in cases
+    ]
+    measured = measured_peaks(plans)
+    report = []
+    for p, m in zip(plans, measured):
+        assert (m["weights"], m["trainable"]) == (p.params + p.trainable_params, p.trainable_params)
+        assert p.activations > p.weights  # the regime where a wrong activation count shows
+        report.append(
+            f"{p.precision} dropout {p.adapter.dropout} {' '.join(p.adapter.targets)}: plan {p.total / 1e6:.0f} MB,"
+            f" measured {m['peak'] / 1e6:.0f} MB"
+        )
+    print("\n".join(report))
+    for p, m in zip(plans, measured):
+        assert p.total == pytest.approx(m["peak"], rel=0.25), report
+
+
+def test_7b_finetuning_fits_24gb_with_lora_and_not_without(capsys):
+    """Issue 13: with LoRA the 7B base is frozen in bf16 (13.5 GB) and 20M adapters train (0.3 GB of states); at
+    experiment=finetune's micro-batch (4 x 256 tokens, 4 accumulated) the activations are 8.2 GB: it fits 24 GB.
+    Full finetuning fits in no micro-batch; at 16 x 256 the LoRA run would not either, and the report says what
+    micro-batch does."""
+    with pytest.raises(UserError, match="experiment=finetune needs init_from"):
+        resolve(schema.compose(ISSUE))  # train.py's resolve; the planner's needs no checkpoint
+    assert planner.main(ISSUE) == 0
+    out = capsys.readouterr().out
+    assert "states: 16 B/param" in out and "does NOT fit" in out and "adapter" not in out
+    assert "data.batch_size=1 data.global_batch_size=16" in out and "fits (" not in out
+
+    assert planner.main([*ISSUE, "adapter=lora"]) == 0
+    out = capsys.readouterr().out
+    assert f"{LORA_7B:,} trainable parameters (0.30% of the base)" in out
+    assert "frozen      6.74B base, bf16, 2 B/param                        13.48" in out
+    assert "trainable   20.0M adapters, fp32, 4 B/param" in out and "adapter states: 16 B/param" in out
+    assert "gradients   fp32, 4 B/param (adapters)" in out and "22.4 GiB) -> fits" in out
+    p = planned(*ISSUE, "adapter=lora")
+    assert (p.frozen_weights, p.trainable_params) == (2 * P_7B, LORA_7B) and p.fits
+    assert (p.gradients, p.optimizer, p.grad_accumulation, p.micro_batch) == (4 * LORA_7B, 8 * LORA_7B, 4, 4)
+    assert p.buffers == 2 * LORA_7B  # no autocast copy of a bf16 base: only the adapters' bf16 copies
+
+    big = [*ISSUE, "adapter=lora", "data.batch_size=16", "trainer.accumulate_grad_batches=1"]
+    assert planner.main(big) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "instead      data.batch_size=4 data.global_batch_size=16: 22.06 GB -> fits" in out
+    # activation checkpointing is only trainer=fsdp's, where the base stays fp32 (27 GB): said, and not enough
+    assert "trainer=fsdp trainer.devices=1 trainer.strategy.activation_checkpointing=true: 33.30 GB -> does NOT" in out
+    with pytest.raises(UserError, match="data.batch_size=4 data.global_batch_size=16 fits"):
+        check(planned(*big))
+    assert not planned(*ISSUE, "data.batch_size=1", "data.global_batch_size=16").fits
+
+
+def test_activation_checkpointing_is_advised_when_it_makes_the_run_fit():
+    fsdp = ["model=7b", "experiment=finetune", "adapter=lora", "trainer=fsdp", "trainer.accelerator=gpu"]
+    fsdp += ["trainer.devices=8", "trainer.precision=bf16-mixed", "plan.device_memory_gb=24", "data.batch_size=16",
+              "trainer.accumulate_grad_batches=1"]  # the sft data group's own micro-batch, no accumulation
+    p = planned(*fsdp)
+    assert p.sharded and p.frozen_weights == math.ceil(4 * P_7B / 8)  # FSDP2: the base stays fp32, sharded
+    assert not p.fits and "trainer.strategy.activation_checkpointing=true: 9.51 GB -> fits" in p.report()
+    ckpt = planned(*fsdp, "trainer.strategy.activation_checkpointing=true")
+    assert ckpt.fits and ckpt.activations < p.activations / 5
+
+
+def test_qlora_plans_here_with_nf4_targets(capsys):
+    q, lo = planned(*ISSUE, "adapter=qlora"), planned(*ISSUE, "adapter=lora")
+    assert q.nf4_params == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) == target_params(q.model, q.adapter)
+    others = q.params - q.nf4_params  # embedding, head, norms: bf16, as prepare_base stores them on a GPU
+    assert others == 2 * 32000 * 4096 + 65 * 4096
+    bits = 8 * (q.frozen_weights - 2 * others) / q.nf4_params
+    assert bits == pytest.approx(4.127, abs=1e-3)  # 4-bit codes + double-quantized block scales (QLoRA: 0.127)
+    assert q.frozen_weights < lo.frozen_weights / 3 and q.trainable_params == lo.trainable_params
+    assert q.buffers >= 4096 * 11008 * 2  # the largest target's dequantized bf16 weight
+    assert planner.main([*ISSUE, "adapter=qlora"]) == 0
+    out = capsys.readouterr().out
+    assert "frozen      6.48B targets, NF4, 4.13 bit/param" in out and "262.4M others, bf16, 2 B/param" in out
+    if not torch.cuda.is_available():  # train.py's resolve refuses QLoRA here, the planner does not
+        with pytest.raises(UserError, match="needs a CUDA GPU"):
+            resolve(schema.compose([*ISSUE, "adapter=qlora"]))
+
+
+def test_adapter_strategies_and_cpu_report():
+    single = planned(*FIXED, "model=1b", "adapter=lora")
+    ddp = planned(*FIXED, "model=1b", "adapter=lora", "trainer.strategy=ddp", "trainer.devices=4")
+    assert single.frozen_weights == 4 * single.params  # on the CPU the base stays fp32
+    assert ddp.buffers == single.buffers + 4 * single.trainable_params  # DDP buckets: the adapters' gradients
+    mixed = planned(*FIXED, "model=1b", "adapter=lora", "trainer.precision=bf16-mixed")
+    assert mixed.buffers > 2 * (mixed.params - mixed.model.vocab_size * mixed.model.dim)  # fp32 base: cast copies
+    report = mixed.report()
+    assert "16-bit: adapters, fp32 base" in report and "1.24B base, fp32, 4 B/param" in report
+    assert f"{mixed.trainable_params:,} trainable parameters" in report
