@@ -103,6 +103,10 @@ def _with_base(ckpt: dict[str, Any], path: Path, base: str | Path | None) -> dic
         )
     whole = load(base_path)
     state = {k: v for k, v in whole["state_dict"].items() if k.startswith(PREFIX)}
+    if "adapter" in whole:  # adapters trained on an adapted model: its own adapters are part of their base
+        scale = lora.LoRAConfig.from_dict(whole["adapter"]["config"]).scale
+        inner = lora.merge_state({k[len(PREFIX) :]: v for k, v in state.items()}, scale)
+        state = {PREFIX + k: v for k, v in inner.items()}
     state.update(ckpt["state_dict"])  # the adapters, and a classifier's head
     merged = {k: v for k, v in whole.items() if k not in ("state_dict", "loops", "optimizer_states")}
     merged.update(ckpt)

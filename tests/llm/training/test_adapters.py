@@ -146,3 +146,26 @@ def test_nf4_layer_computes_its_dequantized_base_plus_the_adapter():
     y.sum().backward()
     assert layer.lora_a.grad is not None and layer.lora_b.grad is not None and x.grad is not None
     assert not layer.weight.requires_grad
+
+
+def test_adapters_on_an_adapted_model_include_its_adapters_in_their_base(tmp_path):
+    """DPO with LoRA from an SFT LoRA checkpoint: the second adapters' base is the first checkpoint, merged."""
+    first, _, first_path = write_base_and_adapter(tmp_path)
+    first.eval()
+    second = module()
+    second.load_weights(checkpoint.model_state(checkpoint.load(first_path), first.config, first_path))
+    with torch.no_grad():
+        for _, layer in lora.layers(second.model):
+            layer.lora_b.normal_(0, 0.05)
+    ckpt = saved(second, {"path": str(first_path), "sha256": checkpoint.digest(first_path)})
+    torch.save(ckpt, tmp_path / "second.ckpt")
+    second.eval()
+    merged = checkpoint.model_state(checkpoint.load(tmp_path / "second.ckpt"), second.config, tmp_path / "second.ckpt")
+    from llm.core.model import Transformer
+
+    plain = Transformer(second.config)
+    plain.load_state_dict(merged)
+    x = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(plain(x), second.model(x), atol=1e-5, rtol=1e-5)  # both adapters in
+    with lora.disabled(second.model):
+        assert not torch.allclose(plain(x), second.model(x), atol=1e-3)
