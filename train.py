@@ -19,8 +19,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from llm.app import evaluate, schema
-from llm.app.builders import build, build_all
+from llm.app import evaluate, loggers, schema
+from llm.app.builders import build, build_all, check_all
 from llm.app.spec import RunSpec, memory_plan, resolve
 from llm.core.memory import check
 from llm.errors import LLMError
@@ -45,8 +45,10 @@ def train(cfg: DictConfig) -> float:
     return run(cfg).value
 
 
+@loggers.tracking_scope()  # this job's W&B run ends with it, and its trackers' variables (a sweep: one process)
 def run(cfg: DictConfig) -> Outcome:
     spec = resolve(cfg)
+    check_all(cfg.logger)  # a tracker's missing package or a misspelt key fails now, not after the data is read
     L.seed_everything(spec.seed, workers=True)
     if cfg.plan.check and spec.experiment.trains:  # refuse a run that cannot fit (python -m llm.plan: the table)
         check(memory_plan(spec))

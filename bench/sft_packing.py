@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from datamodules.sft import SFTDataModule, SFTExample, sft_dataset
-from llm.app.builders import build
+from llm.app.builders import build_optimizer
 from llm.app.spec import RunSpec
-from llm.training.optim import fused_default, param_groups
+from llm.training.optim import fused_default, param_groups, splits_matrices
 
 MODES = {"padded": "data.packing=false", "packed": "data.packing=true"}
 
@@ -78,8 +78,8 @@ def train(spec: RunSpec, dm: SFTDataModule, warmup: int, steps: int, clock: Call
     module = spec.experiment.build_module(spec, dm)
     module.configure_model()
     module.train()
-    factory = build(spec.cfg.optim, "optim")
-    groups = param_groups(module, factory.keywords.get("weight_decay", 0.0))
+    factory = build_optimizer(spec.cfg.optim)
+    groups = param_groups(module, factory.keywords.get("weight_decay", 0.0), split_matrices=splits_matrices(factory))
     optimizer = factory(groups, **fused_default(factory, module.parameters()))
     clip = spec.cfg.trainer.get("gradient_clip_val")
     bf16 = spec.precision == "bf16-mixed"

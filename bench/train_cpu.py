@@ -64,14 +64,14 @@ from torch.utils.data import DataLoader
 
 from datamodules.dataset import WindowSampler
 from llm.app import schema
-from llm.app.builders import build, build_all
+from llm.app.builders import build, build_all, build_optimizer
 from llm.app.spec import RunSpec, memory_plan, resolve
 from llm.core.model import Transformer
 from llm.errors import LLMError
 from llm.training import parallelize
 from llm.training.checkpoint import AtomicCheckpointIO
 from llm.training.module import IGNORE_INDEX
-from llm.training.optim import fused_default, param_groups
+from llm.training.optim import fused_default, param_groups, splits_matrices
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("torch", "bare", "default")
@@ -203,8 +203,9 @@ def train_torch(
     model = Transformer(model_cfg)  # drawn from the same seed as CausalLM.configure_model in the Lightning variants
     parallelize.apply(model, model_cfg, None)  # model.compile=true compiles each block, as in training
     model.train()
-    optimizer_factory = build(cfg.optim, "optim")  # as the experiment builds it for the module
-    groups = param_groups(model, optimizer_factory.keywords.get("weight_decay", 0.0))
+    optimizer_factory = build_optimizer(cfg.optim)  # as the experiment builds it for the module
+    decay = optimizer_factory.keywords.get("weight_decay", 0.0)
+    groups = param_groups(model, decay, split_matrices=splits_matrices(optimizer_factory))
     optimizer = optimizer_factory(groups, **fused_default(optimizer_factory, model.parameters()))  # as the module
     schedule_steps = int(cfg.trainer.max_steps) if max_steps is None else max_steps
     scheduler = build(cfg.sched, "sched")(optimizer, max_steps=schedule_steps)

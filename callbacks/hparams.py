@@ -6,7 +6,8 @@ At the end of training the callback writes the settings it was given (``params``
 which under ``val/loss`` would add a point to that curve. After the final validation of the best checkpoint
 (train.py), the ``hp/val_*`` metrics are written again with its values, the value train.py returns and a sweeper
 minimises; the tab shows the last value of each tag. A run that fails still shows its settings with the metrics it
-reached.
+reached. Other loggers (``logger=wandb``, ``logger=mlflow``) get the same settings as their run's config or
+parameters (``log_hyperparams``) and the ``hp/*`` metrics as ordinary metrics.
 
 The callback also logs ``perf/planned_memory_gb`` once, at the start of training: the memory planner's estimate of
 the peak per device, which train.py computes from the resolved run (llm/app/spec.py) and passes in, in GiB like the

@@ -6,6 +6,11 @@ without its last token and ``labels`` the window without its first. Without ``ta
 tokens after the last whole window are left out; with it (validation) a last, shorter window takes them,
 padded to ``seq_len`` with ``pad_id`` inputs and ``IGNORE_INDEX`` labels, so the whole stream is measured.
 :class:`EvenWindows` adds empty windows (every label ignored) so that every rank reads as many batches.
+
+Document masking (``eos_id`` given): each window also carries ``segments`` and ``positions`` (see
+:func:`document_layout`), computed here from the EOS tokens of the window, so the prepared stream (and its cache)
+is the same with or without it. Labels do not change: masking changes what each token attends to, not what it
+predicts, so the loss covers the same tokens either way.
 """
 
 from __future__ import annotations
@@ -22,13 +27,44 @@ from datamodules.shards import TokenShards
 IGNORE_INDEX = -100  # label value the loss ignores (the padding of a val tail window; train windows have none)
 
 
+def document_layout(input_ids: torch.Tensor, eos_id: int, n_real: int | None = None) -> dict[str, torch.Tensor]:
+    """``segments`` and ``positions`` (T,) int64 of a window's inputs (T,) of a packed ``BOS doc EOS BOS ...`` stream.
+
+    A new segment begins after each EOS: the EOS belongs to the document it closes, as it is predicted from that
+    document's tokens. ``positions`` restart at 0 at each segment's first token (its BOS; the first text token with a
+    tokenizer whose BOS is its EOS, which encoding then leaves out). The first segment of a window may be the end of
+    a document that began in an earlier window: its positions start at 0 as well, as the tokens before the window
+    are not there to attend to (rotary attention depends only on the distance between positions, so the offset
+    would change nothing, and 0 keeps positions below ``seq_len``). Past ``n_real`` (the padding of a val tail
+    window) the inputs are padding: a segment of its own, so padding never sees a real token, at position 0 (what
+    the packed SFT rows do); an EOS used as padding starts no segment.
+    The label of a document's EOS is the next document's BOS: kept, predicted from the EOS's own document (it is a
+    label without the mask too, so the loss counts the same tokens and val/loss compares with runs without it).
+    """
+    T = input_ids.shape[0]
+    n = T if n_real is None else n_real
+    starts = torch.zeros(n, dtype=torch.bool)  # (n,) True at each segment's first token
+    if n:
+        starts[0] = True
+        starts[1:] = input_ids[: n - 1] == eos_id
+    index = torch.arange(n)
+    first = torch.where(starts, index, 0).cummax(0).values  # (n,) where each token's segment begins
+    segments = torch.zeros(T, dtype=torch.long)
+    positions = torch.zeros(T, dtype=torch.long)
+    segments[:n] = starts.cumsum(0) - 1
+    positions[:n] = index - first
+    segments[n:] = int(segments[n - 1]) + 1 if n else 0
+    return {"segments": segments, "positions": positions}
+
+
 class TokenWindows(Dataset):
     """Non-overlapping ``seq_len + 1`` windows over a token stream (the format of :mod:`datamodules.shards`).
 
     ``source`` is one token file, or a split's shards as ``(path, tokens)`` pairs read as one stream (a window
     may span two shards). The memory maps open lazily in each process, so the dataset pickles cheaply into
     DataLoader workers (a pickled ``np.memmap`` would copy the whole array). ``tail``: a last, padded window
-    holds the tokens after the last whole one (see the module's docstring).
+    holds the tokens after the last whole one (see the module's docstring). ``eos_id``: windows also carry
+    ``segments`` and ``positions`` (:func:`document_layout`), for attention that stays inside each document.
     """
 
     def __init__(
@@ -40,6 +76,7 @@ class TokenWindows(Dataset):
         *,
         tail: bool = False,
         pad_id: int = 0,
+        eos_id: int | None = None,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len} must be positive")
@@ -52,6 +89,7 @@ class TokenWindows(Dataset):
         self.seq_len = int(seq_len)
         self.tail = bool(tail)
         self.pad_id = int(pad_id)
+        self.eos_id = None if eos_id is None else int(eos_id)
 
     def __len__(self) -> int:
         labels = max(0, self.n_tokens - 1)  # every token but the first is a label
@@ -63,11 +101,22 @@ class TokenWindows(Dataset):
         start = i * self.seq_len
         window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         input_ids, labels = window[:-1], window[1:]
-        if len(labels) < self.seq_len:  # the tail window
-            pad = self.seq_len - len(labels)
+        n_real = len(labels)
+        if n_real < self.seq_len:  # the tail window
+            pad = self.seq_len - n_real
             input_ids = torch.cat([input_ids, torch.full((pad,), self.pad_id, dtype=torch.long)])
             labels = torch.cat([labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
-        return {"input_ids": input_ids, "labels": labels}
+        if self.eos_id is None:
+            return {"input_ids": input_ids, "labels": labels}
+        return {"input_ids": input_ids, "labels": labels, **document_layout(input_ids, self.eos_id, n_real)}
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        """A window of padding only (every label ignored), with the keys of the others."""
+        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+        window = {"input_ids": input_ids, "labels": torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)}
+        if self.eos_id is not None:
+            window.update(document_layout(input_ids, self.eos_id, 0))
+        return window
 
 
 class EvenWindows(Dataset):
@@ -93,11 +142,7 @@ class EvenWindows(Dataset):
             raise IndexError(f"window {i} out of range ({self.n} windows)")
         if i < len(self.windows):
             return self.windows[i]
-        seq_len = self.windows.seq_len
-        return {
-            "input_ids": torch.full((seq_len,), self.windows.pad_id, dtype=torch.long),
-            "labels": torch.full((seq_len,), IGNORE_INDEX, dtype=torch.long),
-        }
+        return self.windows.empty()
 
 
 class WindowSampler(DistributedSampler):

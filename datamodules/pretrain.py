@@ -6,6 +6,9 @@ are shuffled per epoch and sharded over ranks by :class:`~datamodules.dataset.Wi
 position is saved in checkpoints (:mod:`datamodules.order`); val windows are fixed
 and in order, and measure the val split whole: its last, shorter window is padded (labels ignored), and
 under several ranks each window is read by one rank exactly once (:class:`~datamodules.dataset.EvenWindows`).
+With ``document_mask`` every batch also carries ``segments`` and ``positions``, computed per window from its EOS
+tokens (:func:`~datamodules.dataset.document_layout`): the prepared corpus, its cache key, the windows, the order
+and the labels are those of a run without it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def _plain(value: Any) -> Any:
 
 
 class PretrainDataModule(ResumableOrder, PreparedDataModule):
-    """Causal-LM pretraining data: batches of ``{"input_ids", "labels"}``, both ``(batch_size, seq_len)``.
+    """Causal-LM pretraining data: batches of ``{"input_ids", "labels"}``, both ``(batch_size, seq_len)``; with
+    ``document_mask``, ``segments`` and ``positions`` too, of the same shape.
 
     Args:
         paths: files, directories or globs (``.txt``, ``.jsonl``, ``.json``, and ``.gz`` of each);
@@ -64,6 +68,10 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         train: False for evaluation only (``experiment=eval`` sets it): no train split is required, and with
             ``val_paths`` ``paths`` is not read at all (the tokenizer must then be given). A training run
             refuses it.
+        document_mask: no attention across documents inside a window: batches add ``segments`` (document ids, a
+            new one after each EOS, which belongs to the document it ends) and ``positions`` (restarting at 0 at
+            each document), int64, for the model's block-diagonal causal mask. Labels, and so the tokens the
+            loss counts, are unchanged.
     """
 
     kind: ClassVar[str] = "text"
@@ -89,6 +97,7 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         num_proc: int | None = None,
         val_paths: list[str] | None = None,
         train: bool = True,
+        document_mask: bool = False,
     ) -> None:
         super().__init__()
         paths = _plain(paths)
@@ -116,6 +125,7 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         self.num_proc = None if num_proc is None else int(num_proc)
         self.val_paths: list[str] | None = val_paths
         self.train = bool(train)
+        self.document_mask = bool(document_mask)  # batch-time only: not a setting of the prepared corpus
         self.save_hyperparameters(logger=False)
 
         self.corpus: PackedCorpus | None = None
@@ -162,9 +172,12 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         self.vocab_size = corpus.tokenizer.get_vocab_size()
         self.bos_id, self.eos_id, self.pad_id = special_ids(corpus.tokenizer, name=str(self.tokenizer_path))
         self.report = corpus.report
-        self.train_dataset = TokenWindows(corpus.shards("train"), corpus.dtype, corpus.n_train, self.seq_len)
+        eos_id = self.eos_id if self.document_mask else None  # documents end at EOS (datamodules/encoding.py)
+        self.train_dataset = TokenWindows(
+            corpus.shards("train"), corpus.dtype, corpus.n_train, self.seq_len, eos_id=eos_id
+        )
         self.val_dataset = TokenWindows(
-            corpus.shards("val"), corpus.dtype, corpus.n_val, self.seq_len, tail=True, pad_id=self.pad_id
+            corpus.shards("val"), corpus.dtype, corpus.n_val, self.seq_len, tail=True, pad_id=self.pad_id, eos_id=eos_id
         )
 
     def tokenizer_source(self) -> Path:

@@ -1,4 +1,4 @@
-"""Hugging Face Llama <-> our checkpoints.
+"""Hugging Face Llama (Qwen3 with model.qk_norm) <-> our checkpoints.
 
     python -m llm.convert to-hf CKPT OUT_DIR [--max-shard-gb 5] [--dtype bfloat16] [--base BASE_CKPT]
     python -m llm.convert to-hf CKPT OUT_DIR --adapter-only [--base-model HF_DIR]   # a PEFT LoRA adapter
@@ -6,7 +6,8 @@
     python -m llm.convert from-hf HF_DIR OUT_CKPT
 
 `to-hf` writes what `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` and
-`AutoTokenizer.from_pretrained(OUT_DIR)` read: config.json (LlamaForCausalLM), model.safetensors (or
+`AutoTokenizer.from_pretrained(OUT_DIR)` read: config.json (LlamaForCausalLM; Qwen3ForCausalLM for a model with
+`qk_norm`, which Llama cannot express), model.safetensors (or
 model-0000i-of-0000n.safetensors shards and model.safetensors.index.json above `max_shard_bytes`),
 tokenizer.json, tokenizer_config.json and special_tokens_map.json. `from-hf` writes the reverse: a checkpoint
 with our layout, which `init_from=` and `llm.generate` accept:
@@ -41,7 +42,7 @@ from llm.core.config import ROPE_SCALING_KEYS, ModelConfig
 from llm.errors import LLMError, UserError
 from llm.training.checkpoint import PREFIX, ROLES, expected_shapes, load, model_config_of, model_state, special_ids
 
-# our name (inside the Transformer) -> Hugging Face LlamaForCausalLM name
+# our name (inside the Transformer) -> Hugging Face LlamaForCausalLM name (Qwen3ForCausalLM: the same plus q/k norms)
 _LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wk.weight": "self_attn.k_proj.weight",
@@ -52,6 +53,8 @@ _LAYER_NAMES = {
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
 }
 _TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -66,7 +69,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def to_hf_name(name: str) -> str:
-    """Our parameter name (e.g. `layers.3.attention.wq.weight`) -> Hugging Face Llama's."""
+    """Our parameter name (e.g. `layers.3.attention.wq.weight`) -> Hugging Face Llama's (and Qwen3's)."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     if name.startswith("layers."):
@@ -91,11 +94,15 @@ def from_hf_name(name: str) -> str:
 
 
 def hf_config(cfg: ModelConfig, special: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """config.json of LlamaForCausalLM, readable by transformers 4 and 5.
+    """config.json of LlamaForCausalLM (of Qwen3ForCausalLM with qk_norm), readable by transformers 4 and 5.
 
     transformers 5 reads `rope_parameters` ({rope_type, rope_theta, scaling keys}); 4 reads `rope_theta` and
     `rope_scaling` (whose llama3 validation rejects an unknown `rope_theta` key inside it). Writing both spellings
     is how transformers 5 itself stays readable by 4, and 5 gives `rope_scaling` priority, so they must agree.
+
+    Qwen3's decoder is Llama's (rotate-half RoPE, SwiGLU, RMSNorm gains after the float32 normalisation, optional tied
+    head) plus RMSNorm(head_dim, rms_norm_eps) of each query and key head before RoPE: our qk_norm. Its two options
+    beyond that are set off to match ours: biases on q/k/v/o (attention_bias) and sliding-window attention.
     """
     scaling = None
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -106,7 +113,7 @@ def hf_config(cfg: ModelConfig, special: dict[str, Any], dtype: torch.dtype) -> 
     if isinstance(eos, list) and len(eos) == 1:
         eos = eos[0]
     dtype_name = str(dtype).removeprefix("torch.")
-    return {
+    config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": cfg.dim,
@@ -135,6 +142,12 @@ def hf_config(cfg: ModelConfig, special: dict[str, Any], dtype: torch.dtype) -> 
         "eos_token_id": eos,
         "pad_token_id": special.get("pad"),
     }
+    if not cfg.qk_norm:
+        return config
+    llama_only = ("mlp_bias", "pretraining_tp")  # Qwen3's MLP never has biases; pretraining_tp is Llama 2's
+    config = {k: v for k, v in config.items() if k not in llama_only}
+    sliding_off = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+    return {**config, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **sliding_off}
 
 
 def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
@@ -160,13 +173,26 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]
     return theta, {"rope_type": "llama3", **{k: rope[k] for k in ROPE_SCALING_KEYS}}
 
 
+# transformers' defaults for the keys a config.json may leave out (LlamaConfig's, Qwen3Config's); head_dim None:
+# hidden_size / num_attention_heads
+_HF_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "max_position_embeddings": 2048, "head_dim": None},
+    "qwen3": {"vocab_size": 151936, "max_position_embeddings": 32768, "head_dim": 128},
+}
+
+
 def config_from_hf(hf: dict[str, Any], where: str | Path) -> ModelConfig:
-    """Our ModelConfig from a LlamaForCausalLM config.json (transformers 4 or 5); what we cannot run is an error."""
+    """Our ModelConfig from a LlamaForCausalLM or Qwen3ForCausalLM config.json (transformers 4 or 5); what we cannot
+    run is an error naming the key."""
     where = str(where)
-    if hf.get("model_type") != "llama":
-        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama'")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise UserError(f"{where}: Llama variants with attention_bias or mlp_bias are not supported")
+    if hf.get("model_type") not in _HF_DEFAULTS:
+        raise UserError(f"{where}: model_type {hf.get('model_type')!r} is not 'llama' or 'qwen3'")
+    hf = {**_HF_DEFAULTS[hf["model_type"]], **hf}
+    for key in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if hf.get(key):
+            raise UserError(f"{where}: {key}=true is not supported (no biases, no sliding window here)")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        raise UserError(f"{where}: layer_types other than full_attention are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     missing = [
@@ -186,11 +212,12 @@ def config_from_hf(hf: dict[str, Any], where: str | Path) -> ModelConfig:
             n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             ffn_dim=hf["intermediate_size"],
-            vocab_size=hf.get("vocab_size", 32000),  # LlamaConfig's defaults, for keys left out
-            max_seq_len=hf.get("max_position_embeddings", 2048),
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf["max_position_embeddings"],
             rope_theta=theta,
             rope_scaling=scaling,
             norm_eps=hf.get("rms_norm_eps", 1e-6),
+            qk_norm=hf["model_type"] == "qwen3",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             init_std=hf.get("initializer_range", 0.02),
         )
@@ -249,7 +276,7 @@ def to_hf(
     dtype: torch.dtype | None = None,
     base: str | Path | None = None,
 ) -> Path:
-    """Write a Hugging Face Llama directory from one of our checkpoints (training or converted).
+    """Write a Hugging Face Llama (Qwen3 with qk_norm) directory from one of our checkpoints (training or converted).
 
     dtype: cast the weights (e.g. torch.bfloat16 to halve the files); None keeps them bit for bit.
     A LoRA adapter checkpoint is written merged (W + (alpha / r) B A); `base`: its base checkpoint, if it moved.
@@ -350,7 +377,7 @@ def _hf_special_tokens(hf_dir: Path, hf: dict[str, Any], tokenizer_json: str | N
 
 
 def from_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
-    """Write a checkpoint in our layout from a Hugging Face Llama directory, tokenizer included."""
+    """Write a checkpoint in our layout from a Hugging Face Llama or Qwen3 directory, tokenizer included."""
     from safetensors import safe_open
 
     hf_dir = Path(hf_dir)
@@ -373,6 +400,8 @@ def from_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
                 try:
                     ours = from_hf_name(name)
                 except KeyError:
+                    ours = None
+                if ours not in expected:  # not ours, or not this config's (q_norm of a Llama config)
                     unexpected.append(name)
                     continue
                 if ours == "output.weight" and cfg.tie_embeddings:
@@ -419,7 +448,7 @@ def from_hf(hf_dir: str | Path, out_ckpt: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m llm.convert", description="Hugging Face Llama <-> our checkpoints")
+    parser = argparse.ArgumentParser(prog="python -m llm.convert", description="Hugging Face Llama/Qwen3 <-> ours")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face directory")
     p.add_argument("ckpt")

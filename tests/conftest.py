@@ -40,6 +40,11 @@ TINY = [
     "sched.warmup_steps=2",
     "callbacks.progress_bar=null",
     "callbacks.samples.max_new_tokens=4",
+    # the recipe the tests were written for (AdamW, cosine, today's defaults), pinned: its float32 sums make 2
+    # processes equal 1 to 1e-4 (Muon's bfloat16 orthogonalisation does not: tests/test_muon.py)
+    "optim=adamw",
+    "sched=cosine",
+    "model.qk_norm=false",
 ]
 
 

@@ -11,6 +11,8 @@ from hydra.utils import get_object, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from llm.app.loggers import built_here, check_installed, forwarded_to, var_keyword
+from llm.app.schema import OPTIM_RUN_KEYS
 from llm.errors import LLMError, UserError
 
 # What a constructor raises on purpose about a configured value: ours, and Lightning's own configuration error.
@@ -33,6 +35,11 @@ def build(node: DictConfig, group: str, *, drop: tuple[str, ...] = (), **kwargs:
         raise
 
 
+def build_optimizer(node: DictConfig) -> Any:
+    """The partial optimizer of ``conf/optim``, without the keys the module reads (``z_loss``)."""
+    return build(node, "optim", drop=tuple(name for name, _, _ in OPTIM_RUN_KEYS))
+
+
 def build_all(nodes: DictConfig | None, **given: Mapping[str, Any]) -> list:
     """Instantiate every ``_target_`` entry of a dict-of-objects group (callbacks, logger).
 
@@ -47,7 +54,10 @@ def build_all(nodes: DictConfig | None, **given: Mapping[str, Any]) -> list:
             continue
         if "every_n_train_steps" in node and node.every_n_train_steps is None:
             continue
+        if not built_here(node):  # an MLflow database store: rank 0 alone opens it
+            continue
         extra = dict(given.get(name, {}))
+        check_installed(str(name), node)  # a tracker's missing package: one line, not Lightning's traceback
         _check_arguments(str(name), node, extra)
         try:
             objects.append(instantiate(node, _convert_="all", **extra))
@@ -56,6 +66,15 @@ def build_all(nodes: DictConfig | None, **given: Mapping[str, Any]) -> list:
                 raise UserError(f"{name}: {_last_line(err.__cause__)}") from err
             raise
     return objects
+
+
+def check_all(nodes: DictConfig | None) -> None:
+    """``build_all``'s checks alone, building nothing: train.py runs them on the loggers before the data is prepared,
+    so a tracker's missing package or a misspelt key fails at once."""
+    for name, node in (nodes or {}).items():
+        if node is not None:
+            check_installed(str(name), node)
+            _check_arguments(str(name), node, {})
 
 
 def _check_arguments(name: str, node: DictConfig, extra: Mapping[str, Any]) -> None:
@@ -70,7 +89,11 @@ def _check_arguments(name: str, node: DictConfig, extra: Mapping[str, Any]) -> N
     except (TypeError, ValueError):  # a builtin without a signature: let the call decide
         return
     try:
-        signature.bind(**dict.fromkeys(keys))
+        bound = signature.bind(**dict.fromkeys(keys))
+        forwarded = bound.arguments.get(var_keyword(signature) or "", {})
+        receiver = forwarded_to(obj)  # a logger's **kwargs go on to wandb.init / SummaryWriter at its first metric
+        if forwarded and receiver is not None:
+            inspect.signature(receiver).bind(**forwarded)
     except TypeError as err:
         raise UserError(f"`{name}` ({target}): {err}") from err
 

@@ -202,8 +202,9 @@ def _describe(datamodule: L.LightningDataModule) -> dict[str, Any]:
 
 
 def _log(logger_cfg: DictConfig, metrics: dict[str, Any], samples: list[dict[str, str]]) -> None:
-    """The same numbers in TensorBoard: scalars under eval/, per-class under eval/<metric>/<label>."""
-    loggers = [lg for lg in build_all(logger_cfg) if isinstance(lg, TensorBoardLogger)]
+    """The same numbers in every logger: scalars under eval/, per-class under eval/<metric>/<label>; in TensorBoard
+    also the confusion matrix and the samples."""
+    loggers = build_all(logger_cfg)
     if not loggers:
         return
     scalars: dict[str, float] = {}
@@ -214,6 +215,9 @@ def _log(logger_cfg: DictConfig, metrics: dict[str, Any], samples: list[dict[str
             scalars.update({f"eval/{key}/{_tag(label)}": float(v) for label, v in value.items()})
     for logger in loggers:
         logger.log_metrics(scalars, step=0)
+        if not isinstance(logger, TensorBoardLogger):
+            logger.finalize("success")
+            continue
         if "confusion_matrix" in metrics:
             log_confusion(logger, "eval/confusion", torch.tensor(metrics["confusion_matrix"]), metrics["labels"], 0)
         for i, s in enumerate(samples[:16]):

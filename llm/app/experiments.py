@@ -19,7 +19,7 @@ import lightning as L
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from llm.app.builders import build
+from llm.app.builders import build, build_optimizer
 from llm.app.init_from import Init, write_tokenizer
 from llm.app.schema import DATA_RUN_KEYS, DPOSchema
 from llm.core.config import ModelConfig
@@ -113,7 +113,7 @@ class Experiment:
         init = spec.init
         self.check_data(datamodule.kind, init)
         model = self.model_config(spec, datamodule)
-        optimizer = build(spec.cfg.optim, "optim") if self.trains else None
+        optimizer = build_optimizer(spec.cfg.optim) if self.trains else None
         scheduler = build(spec.cfg.sched, "sched") if self.trains else None
         classifier = self.is_classifier(init)
         adapter = spec.adapter.to_dict() if self.trains and spec.adapter is not None else None
@@ -131,6 +131,8 @@ class Experiment:
                 spec, datamodule, model=model.to_dict(), optimizer=optimizer, scheduler=scheduler, adapter=adapter
             )
             module.token_bytes = datamodule.token_bytes  # for val/bpb
+            if self.trains:
+                module.z_loss = float(spec.cfg.optim.get("z_loss") or 0.0)
 
         from_checkpoint = init is not None and spec.cfg.data.get("tokenizer") is None
         module.tokenizer_json = init.tokenizer_json if from_checkpoint else datamodule.tokenizer.to_str()

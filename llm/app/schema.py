@@ -159,6 +159,8 @@ class RootSchema:
 
 # keys of the data group that the run reads (llm/app/spec.py), not the DataModule
 DATA_RUN_KEYS = (("global_batch_size", int | None, None),)  # samples per optimizer step: sets the accumulation
+# keys of the optim group that the module reads, not the optimizer
+OPTIM_RUN_KEYS = (("z_loss", float, 0.0),)  # weight of the squared log-partition term (PaLM's z-loss) in the loss
 # group -> (target, partial, arguments that train.py passes in code rather than from YAML)
 GROUP_TARGETS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "model": ("llm.core.config.ModelConfig", False, ()),
@@ -168,6 +170,7 @@ GROUP_TARGETS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "adapter": ("llm.core.lora.LoRAConfig", False, ()),
 }
 SCHED_TARGETS = ("llm.core.schedule.WarmupLinear", "llm.core.schedule.WarmupStableDecay")
+OPTIM_TARGETS = ("llm.training.muon.MuonAdamW",)  # the other optimizers (AdamW is the group's `schema`)
 DATA_TARGETS = (
     "datamodules.pretrain.PretrainDataModule",
     "datamodules.sft.SFTDataModule",
@@ -184,10 +187,15 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="root_schema", node=RootSchema)
     for group, (target, partial, skip) in GROUP_TARGETS.items():
-        cs.store(group=group, name="schema", node=schema_for(target, partial=partial, skip=skip))
+        extra = OPTIM_RUN_KEYS if group == "optim" else ()
+        cs.store(group=group, name="schema", node=schema_for(target, partial=partial, skip=skip, extra=extra))
     for target in DATA_TARGETS:
         short = target.rpartition(".")[2]
         cs.store(group="data", name=f"schema_{short}", node=schema_for(target, extra=DATA_RUN_KEYS))
+    for target in OPTIM_TARGETS:
+        short = target.rpartition(".")[2]
+        node = schema_for(target, partial=True, skip=("params",), extra=OPTIM_RUN_KEYS)
+        cs.store(group="optim", name=f"schema_{short}", node=node)
     for target in SCHED_TARGETS:  # the other schedules (cosine is the group's `schema`)
         short = target.rpartition(".")[2]
         node = schema_for(target, partial=True, skip=("optimizer", "max_steps"))

@@ -41,6 +41,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm of each query and key head over head_dim, before RoPE (Qwen3's QK-norm)
     tie_embeddings: bool = False
     dropout: float = 0.0  # on attention probabilities and on each residual branch
     compile: bool = False  # read by the training code; the model ignores it
@@ -80,6 +81,8 @@ class ModelConfig:
             raise UserError(f"model.rope_theta must be positive, got {self.rope_theta}")
         if self.norm_eps <= 0:
             raise UserError(f"model.norm_eps must be positive, got {self.norm_eps}")
+        if not isinstance(self.qk_norm, bool):
+            raise UserError(f"model.qk_norm must be true or false, got {self.qk_norm!r}")
         if self.init_std <= 0:
             raise UserError(f"model.init_std must be positive, got {self.init_std}")
         self.rope_theta = float(self.rope_theta)

@@ -11,10 +11,10 @@ Definitions
   N_matmul = non-embedding parameters + the output head (vocab_size * dim), tied or not: the embedding lookup is a
   gather, not a matmul, but the output projection is a real (dim x vocab) matmul for every token.
   6 = 2 (multiply + add) x 3 (forward, plus backward for activations and for weights). The norm weights are
-  counted in N although they are elementwise (negligible: 2 * dim per layer). The attention term counts the full
-  T x T score and value matmuls (QK^T and AV) like PaLM, not halved for the causal mask; it depends on
-  n_heads * head_dim = dim, so grouped-query attention does not change it. Recomputation for activation
-  checkpointing is not counted (MFU, not HFU).
+  counted in N although they are elementwise (negligible: 2 * dim per layer, plus 2 * head_dim with qk_norm, whose
+  normalisation of q and k is not counted either). The attention term counts the full T x T score and value matmuls
+  (QK^T and AV) like PaLM, not halved for the causal mask; it depends on n_heads * head_dim = dim, so grouped-query
+  attention does not change it. Recomputation for activation checkpointing is not counted (MFU, not HFU).
 """
 
 from __future__ import annotations
@@ -28,13 +28,23 @@ def _vocab(cfg: ModelConfig) -> int:
     return cfg.vocab_size
 
 
+def layer_norm_params(cfg: ModelConfig) -> int:
+    """The RMSNorm gains of one block: before attention and before the MLP (dim each), and with qk_norm one gain of
+    head_dim for the queries and one for the keys (shared by the heads)."""
+    return 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
+
+
+def norm_params(cfg: ModelConfig) -> int:
+    """Every RMSNorm gain of the model (the blocks' and the final norm's): elementwise, never a matmul."""
+    return cfg.n_layers * layer_norm_params(cfg) + cfg.dim
+
+
 def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one Transformer block: attention, SwiGLU feed-forward and two RMSNorm weights."""
+    """Parameters of one Transformer block: attention, SwiGLU feed-forward and the RMSNorm gains."""
     q_and_o = 2 * cfg.dim * cfg.n_heads * cfg.head_dim
     k_and_v = 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim
     feed_forward = 3 * cfg.dim * cfg.ffn_dim
-    norms = 2 * cfg.dim
-    return q_and_o + k_and_v + feed_forward + norms
+    return q_and_o + k_and_v + feed_forward + layer_norm_params(cfg)
 
 
 def count_params(cfg: ModelConfig, *, embedding: bool = True) -> int:

@@ -12,7 +12,9 @@ compute dtype, 2 under bf16/16 precisions, else 4):
   `block_activation_bytes`; a test checks it against the tensors autograd actually saves), times micro-batch x
   sequence length; with activation checkpointing, only each block's input plus one block being recomputed;
   plus the loss: at the start of backward the float32 log-probabilities, their gradient and the logits'
-  gradient (3 x 4 bytes x vocabulary per token) are alive at once;
+  gradient (3 x 4 bytes x vocabulary per token) are alive at once; with packed SFT or data.document_mask, the
+  (B, 1, T, T) additive mask in the compute dtype and its boolean build temporaries (2 bytes per entry) where the
+  attention is dense (the CPU, and CUDA below FLEX_MIN_LEN tokens; flex attention's block masks are small);
 - buffers: under autocast (mixed precision, not sharded) the compute-dtype copy of every weight matrix, which the
   matmuls keep for backward; under DDP the gradient buckets (a second copy of the gradients); under FSDP two
   unsharded blocks in flight (the one computing and the one prefetched) with their unsharded gradients, and
@@ -50,7 +52,15 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from llm.core.config import ModelConfig
-from llm.core.flops import count_params, flops_per_token, layer_params, matmul_params
+from llm.core.flops import (
+    count_params,
+    flops_per_token,
+    layer_norm_params,
+    layer_params,
+    matmul_params,
+    norm_params,
+)
+from llm.core.masks import FLEX_MIN_LEN
 from llm.errors import UserError
 
 if TYPE_CHECKING:  # the planner reads the adapter's fields only: no torch here
@@ -106,6 +116,8 @@ def block_activation_bytes(cfg: ModelConfig, precision: Precision, device: str =
     - attention: q and k after rotary, v, and the output of SDPA (whose (B, T, H*D) view is wo's input), plus
       the float32 log-sum-exp per head; the rotary multiplications keep nothing per token;
     - SwiGLU: w1 out, w3 out, silu(w1 out) and their product (w2's input);
+    - with qk_norm, the per-head norms of q and k: their input (e bytes) and the float32 normalised x (the upcast
+      itself when e = 4 is the input), plus one float32 rsqrt per head of q and of k;
     - dropout (only when model.dropout > 0): one mask per residual branch (1 byte on GPUs, e on the CPU); the
       dropout inside SDPA, which on the CPU falls back to a kernel keeping T x T probabilities, is not counted.
     """
@@ -121,6 +133,8 @@ def block_activation_bytes(cfg: ModelConfig, precision: Precision, device: str =
         matmul_inputs = 2 * C * e
     attention = (2 * C + 2 * KV) * e + 4 * cfg.n_heads  # q, out; k, v; log-sum-exp
     feed_forward = 4 * F * e
+    qk_norm = (C + KV) * (e + 4) + 4 * (cfg.n_heads + cfg.n_kv_heads) if cfg.qk_norm else 0
+    attention += qk_norm
     dropout = 2 * C * (1 if device == "cuda" else e) if cfg.dropout > 0 else 0
     return norms + matmul_inputs + attention + feed_forward + dropout + 2 * 4  # + two float32 rsqrt per norm
 
@@ -132,6 +146,11 @@ def head_activation_bytes(cfg: ModelConfig, precision: Precision) -> int:
     head_input = C * e
     loss = 3 * 4 * cfg.vocab_size  # float32 log-probs (kept by log_softmax), their gradient, the logits' gradient
     return norm + head_input + loss
+
+
+def muon_params(cfg: ModelConfig) -> int:
+    """The weight matrices of the blocks (attention and MLP), which optim=muon updates with Muon."""
+    return cfg.n_layers * (layer_params(cfg) - layer_norm_params(cfg))
 
 
 def adapter_shapes(cfg: ModelConfig, adapter: LoRAConfig) -> dict[str, tuple[int, int]]:
@@ -166,7 +185,8 @@ def adapter_block_activation_bytes(
       itself, shared by the targets that read it (once per target when autocast casts it); B keeps A's output (r);
     - attention as in full training: q and k after rotary, v, the SDPA output (wo's input), the log-sum-exp;
     - SwiGLU: w1 out, silu(w1 out) and w3 out; their product only as w2's adapter input. QLoRA's base returns its
-      input's dtype (llm/training/quantize.py), so on a float32 stream an NF4 w1 / w3 gives float32 outputs.
+      input's dtype (llm/training/quantize.py), so on a float32 stream an NF4 w1 / w3 gives float32 outputs;
+    - with qk_norm, whose gains are frozen too: the float32 input (or upcast) of q's and k's norms and the rsqrt.
     The first block keeps less (its input needs no gradient): not subtracted.
     """
     C, HD, KV, F, e = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim, precision.compute
@@ -195,6 +215,8 @@ def adapter_block_activation_bytes(
     )
     lora_hidden = len(targets) * adapter.rank * e
     attention = (2 * HD + 2 * KV) * e + 4 * cfg.n_heads
+    if cfg.qk_norm:
+        attention += (HD + KV) * 4 + 4 * (cfg.n_heads + cfg.n_kv_heads)
     feed_forward = F * (2 * b1 + b3)
     dropout = 2 * C * (1 if device == "cuda" else e) if cfg.dropout > 0 else 0
     return norms + inputs + lora_hidden + attention + feed_forward + dropout
@@ -219,6 +241,8 @@ class Plan:
     grad_accumulation: int = 1
     accelerator: str = "cpu"  # "cpu" or "cuda"
     optimizer_impl: str = "auto"  # AdamW "fused", "foreach", "for-loop", or "auto" (PyTorch's default)
+    optimizer_kind: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices (one buffer), AdamW on the rest
+    segment_mask: bool = False  # packed SFT, data.document_mask: a (B, 1, T, T) attention mask (llm/core/masks.py)
     device: str = "cpu (host memory)"
     device_memory: int = 0  # bytes
     adapter: LoRAConfig | None = None  # adapter=lora / qlora: the base frozen, only the adapters train
@@ -263,7 +287,8 @@ class Plan:
         self.trainable_params = trainable
         self.weights = self.frozen_weights + math.ceil(trainable * prec.param / shard)
         self.gradients = math.ceil(trainable * prec.grad / shard)
-        self.optimizer = math.ceil(2 * trainable * prec.moment / shard)
+        muon = muon_params(m) if self.optimizer_kind == "muon" and a is None else 0  # adapters train with AdamW
+        self.optimizer = math.ceil((2 * trainable - muon) * prec.moment / shard)  # Muon keeps one buffer, not two
 
         if a is None:
             block, head = block_activation_bytes(m, prec, self.accelerator), head_activation_bytes(m, prec)
@@ -275,8 +300,11 @@ class Plan:
         else:
             per_token = m.n_layers * block
         self.activations = self.micro_batch * self.seq_len * (per_token + head)
+        dense = self.accelerator != "cuda" or self.seq_len < FLEX_MIN_LEN or m.dropout > 0  # else flex: block masks
+        if self.segment_mask and dense:  # the additive mask, kept for backward, and its boolean build temporaries
+            self.activations += self.micro_batch * self.seq_len**2 * (prec.compute + 2)
 
-        norms = (2 * m.n_layers + 1) * m.dim  # gains, used elementwise: never cast nor matmul'd
+        norms = norm_params(m)  # gains, used elementwise: never cast nor matmul'd
         embed_and_head = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
         kinds = []
         if self.sharded:  # FSDP2 gathers frozen and trainable weights alike; gradients exist for the trainable only
@@ -312,6 +340,10 @@ class Plan:
             else:
                 largest = a.rank * max(max(shape) for shape in adapter_shapes(m, a).values())
             self.step_temporaries = math.ceil(2 * largest * prec.moment / shard)
+        if muon:  # the largest matrix's update, whole even under FSDP, and its bf16 Newton-Schulz iterates
+            rows, cols = max(((m.dim, m.ffn_dim), (m.dim, m.n_heads * m.head_dim)), key=lambda s: s[0] * s[1])
+            small = min(rows, cols)
+            self.step_temporaries = max(self.step_temporaries, rows * cols * (4 + 2 * 2) + 2 * small * small * 2)
 
     @property
     def params(self) -> int:
@@ -372,6 +404,8 @@ class Plan:
             return line + (f"{unsharded / scale:12.2f}" if shard > 1 and unsharded is not None else "")
 
         state_bytes = prec.param + prec.grad + 2 * prec.moment
+        if self.optimizer_kind == "muon" and a is None:  # one buffer per matrix entry: a mean over all parameters
+            state_bytes = round(prec.param + prec.grad + self.optimizer * shard / max(1, N), 1)
         lines = [
             f"model        dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv, head_dim "
             f"{m.head_dim}), ffn {m.ffn_dim}, vocab {m.vocab_size}, "
@@ -414,9 +448,11 @@ class Plan:
             row("gradients", f"{dtype[prec.grad]}, {prec.grad} B/param{only}", self.gradients, N * prec.grad),
             row(
                 "optimizer",
-                f"AdamW moments{only}, 2 x {dtype[prec.moment]}, {2 * prec.moment} B/param",
+                f"AdamW moments{only}, 2 x {dtype[prec.moment]}, {2 * prec.moment} B/param"
+                if self.optimizer == math.ceil(2 * N * prec.moment / shard)
+                else f"Muon 1 x {dtype[prec.moment]} (matrices), AdamW 2 x (rest)",
                 self.optimizer,
-                2 * N * prec.moment,
+                self.optimizer * shard,
             ),
             row(
                 "",

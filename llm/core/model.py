@@ -1,33 +1,29 @@
 """A Llama-style decoder-only Transformer, architecture only.
 
-Reading order: RMSNorm, rotary embeddings, Attention, FeedForward, Block, KVCache, the masks, Transformer.
+Reading order: RMSNorm, rotary embeddings, Attention, FeedForward, Block, KVCache, Transformer (the masks it builds
+are in llm/core/masks.py).
 Shapes: B batch, T new tokens, S keys attended to (T, or cached + new), H query heads, K key/value heads,
 D head_dim, C model dim, V vocabulary.
 
-The layout matches Hugging Face Llama one to one (rotate-half RoPE, RMSNorm in float32, SwiGLU, no biases),
-so its weights load by renaming alone; the names' mapping belongs to the conversion module, not here.
+The layout matches Hugging Face Llama one to one (rotate-half RoPE, RMSNorm in float32, SwiGLU, no biases), and
+with `qk_norm` Qwen3 (Llama plus a per-head RMSNorm of queries and keys), so their weights load by renaming alone;
+the names' mapping belongs to the conversion module, not here.
 Training, parallelism and compilation are applied from outside (see llm/training/parallelize.py).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm.core import masks
 from llm.core.config import ModelConfig
 
 # `enable_gqa` lets SDPA share K/V heads without materialising the repeats (PyTorch >= 2.5).
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-try:  # PyTorch >= 2.5; used for packed sequences on CUDA only (see FLEX_MIN_LEN)
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-    from torch.utils._triton import has_triton  # flex attention compiles to a Triton kernel
-except ImportError:  # pragma: no cover - older torch: packed sequences take the SDPA-with-mask path
-    BlockMask = create_block_mask = flex_attention = has_triton = None
 
 
 class Linear(nn.Linear):
@@ -174,13 +170,18 @@ class Attention(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, std=cfg.init_std)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, std=resid_std)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # QK-norm (Qwen3's form): each query and key head scaled to unit RMS over D, before RoPE, then times a gain
+        # of D shared by all heads. The attention logits are then bounded by the gains instead of growing with the
+        # norms of wq and wk, the growth that destabilises training at high learning rates (Wortsman et al. 2023).
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | None = None,
+        mask: torch.Tensor | masks.BlockMask | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
@@ -192,9 +193,14 @@ class Attention(nn.Module):
         """
         B, T, C = x.shape
         x = x.reshape(B * T, C)  # 2-D, so that each projection is one plain matmul
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if self.q_norm is not None:
+            # over D of each head (so the cache holds normed keys); cast back, as a float32 gain under autocast
+            # would promote q and k to float32 while attention runs in the compute dtype
+            q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is not None:  # write the new keys/values at slots start..start+T-1, attend to all slots so far
@@ -210,8 +216,8 @@ class Attention(nn.Module):
             else:  # query head h uses key/value head h // (H / K), as in HF's repeat_kv
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        if BlockMask is not None and isinstance(mask, BlockMask):  # chosen only without dropout (flex has none)
-            y = _compiled_flex_attention()(q, k, v, block_mask=mask, **gqa)  # (B, H, T, D)
+        if masks.BlockMask is not None and isinstance(mask, masks.BlockMask):  # only without dropout (flex has none)
+            y = masks.compiled_flex_attention()(q, k, v, block_mask=mask, **gqa)  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -263,7 +269,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | None = None,
+        mask: torch.Tensor | masks.BlockMask | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
@@ -314,61 +320,6 @@ class KVCache:
     def reset(self) -> None:
         """Forget the cached tokens (the buffers are kept; stale slots are never attended to)."""
         self.length = 0
-
-
-def attention_mask(valid: torch.Tensor | None, start: int, T: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask (B or 1, 1, T, S=start+T): query at slot start+t sees key slot s if s <= start+t and s is valid.
-
-    A query always sees its own slot, so padding queries (whose outputs are ignored) never get an all-False row,
-    which would make softmax return NaN.
-    """
-    S = start + T
-    q_slot = torch.arange(start, S, device=device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = (k_slot <= q_slot)[None]  # (1, T, S)
-    if valid is not None:
-        allowed = (allowed & valid[:, None, :S]) | (k_slot == q_slot)  # (B, T, S)
-    return allowed.unsqueeze(1)  # (B or 1, 1, T, S)
-
-
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal boolean mask (B, 1, T, T) of segment ids (B, T): query t sees key s iff s <= t and both
-    carry the same id (packed examples, or documents). The diagonal is always True: no row is all-masked."""
-    pos = torch.arange(segments.shape[1], device=segments.device)
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    return ((pos[None, :] <= pos[:, None]) & same).unsqueeze(1)  # causal (T, T) & same -> (B, 1, T, T)
-
-
-# Packed sequences on CUDA take flex attention from this length on. SDPA with a dense mask cannot use FlashAttention
-# (only the memory-efficient and math kernels take a mask), reads a (B, T, T) mask in every layer and computes every
-# block of scores; a BlockMask skips the 128 x 128 blocks masked whole, so with examples much shorter than T the work
-# grows with the sum of squared example lengths, not T^2. Below ~8 blocks a side few blocks are skipped and the dense
-# mask is small: not worth a compiled kernel. An estimate, not measured (no GPU here); the CPU always uses SDPA.
-FLEX_MIN_LEN = 1024
-
-
-def use_flex_attention(device: torch.device, T: int, cfg: ModelConfig, dropout_active: bool) -> bool:
-    """Whether packed attention on ``device`` takes flex attention; anything it does not support falls back to SDPA."""
-    if flex_attention is None or device.type != "cuda" or T < FLEX_MIN_LEN or dropout_active:  # flex: no dropout
-        return False
-    D = cfg.head_dim
-    return has_triton() and D >= 16 and D & (D - 1) == 0  # the head sizes its kernel handles everywhere
-
-
-@functools.cache
-def _compiled_flex_attention():
-    """flex_attention compiled once per process (uncompiled, it materialises the full scores)."""
-    return torch.compile(flex_attention)
-
-
-def segment_block_mask(segments: torch.Tensor) -> BlockMask:
-    """The flex-attention BlockMask of segment_mask (same rule), shared by every head and layer."""
-    B, T = segments.shape
-
-    def block_causal(b, h, q, k):
-        return (k <= q) & (segments[b, q] == segments[b, k])
-
-    return create_block_mask(block_causal, B, None, T, T, device=segments.device)
 
 
 class Transformer(nn.Module):
@@ -455,12 +406,13 @@ class Transformer(nn.Module):
         # padding filling an empty cache (causal), one new token without padding (it sees every cached slot).
         attn_mask, allowed = None, None
         if segments is not None:  # packed: block-diagonal causal, a BlockMask for flex attention or a dense mask
-            if use_flex_attention(tokens.device, T, self.cfg, dropout_active=self.training and self.cfg.dropout > 0):
-                attn_mask = segment_block_mask(segments)
+            dropout_active = self.training and self.cfg.dropout > 0
+            if masks.use_flex_attention(tokens.device, T, self.cfg, dropout_active=dropout_active):
+                attn_mask = masks.segment_block_mask(segments)
             else:
-                allowed = segment_mask(segments)  # (B, 1, T, T) bool
+                allowed = masks.segment_mask(segments)  # (B, 1, T, T) bool
         elif mask is not None or (kv_cache is not None and start > 0 and T > 1):
-            allowed = attention_mask(mask, start, T, tokens.device)  # (B or 1, 1, T, S) bool
+            allowed = masks.attention_mask(mask, start, T, tokens.device)  # (B or 1, 1, T, S) bool
         if allowed is not None:
             # additive, built once for all layers (SDPA would convert a bool mask in each layer)
             attn_mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill_(

@@ -15,6 +15,7 @@ precision, and ``init_from`` takes the shape from the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import math
@@ -50,6 +51,7 @@ SHAPE_KEYS = (
     "rope_theta",
     "rope_scaling",
     "norm_eps",
+    "qk_norm",
 )
 EXTRAS = ("special_tokens", "hf_tokenizer_config")  # a converted checkpoint's, carried along by training
 
@@ -228,7 +230,10 @@ def special_ids(ckpt: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shape_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: saved vs current`` for each shape key on which two model configs (as dicts) disagree."""
+    """``key: saved vs current`` for each shape key on which two model configs (as dicts) disagree; a key that an
+    older checkpoint lacks (``qk_norm``) has its default."""
+    default = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    saved, current = {**default, **saved}, {**default, **current}
     return [
         f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
         for k in SHAPE_KEYS

@@ -42,7 +42,7 @@ from llm.core.config import ModelConfig
 from llm.core.model import Transformer
 from llm.errors import UserError
 from llm.training import adapters, parallelize
-from llm.training.optim import fused_default, loss_scaled, param_groups
+from llm.training.optim import fused_default, loss_scaled, param_groups, splits_matrices
 from llm.training.plots import log_confusion
 
 IGNORE_INDEX = -100
@@ -138,7 +138,8 @@ class TransformerModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:
             raise ValueError(f"{type(self).__name__} needs an optimizer to train (conf/optim)")
-        groups = param_groups(self, self.optimizer_factory.keywords.get("weight_decay", 0.0))
+        decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        groups = param_groups(self, decay, split_matrices=splits_matrices(self.optimizer_factory))
         # not with a GradScaler (16-mixed): Lightning cannot clip the gradients a fused step unscales itself
         scaled = self._trainer is not None and loss_scaled(self._trainer.precision_plugin)
         fused = {} if scaled else fused_default(self.optimizer_factory, self.parameters())
@@ -172,6 +173,23 @@ class TransformerModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
+def cross_entropy_and_z(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and PaLM's z-loss term, both means over the labelled positions, from one log-sum-exp.
+
+    The z-loss term is the mean of log(Z)^2, Z the softmax's normaliser. Cross-entropy is unchanged when every
+    logit of a position shifts by the same amount, so nothing stops the logits drifting up together until bf16
+    rounds them badly (or a softmax overflows); the term pulls log(Z) towards 0 (PaLM weights it 1e-4). Computing
+    cross-entropy as log(Z) - logit[label] shares the (N, V) log-sum-exp, which costs as much as cross-entropy
+    itself: a separate one made a step of the tiny model about 20% slower. logits (B, T, V), labels (B, T).
+    """
+    flat, target = logits.flatten(0, 1).float(), labels.flatten()  # (N, V), (N,)
+    keep = target != IGNORE_INDEX
+    log_z = torch.logsumexp(flat, dim=-1)  # (N,)
+    picked = flat.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,) the label's logit
+    n = keep.sum().clamp(min=1)  # nothing labelled: 0, not NaN
+    return ((log_z - picked) * keep).sum() / n, (log_z.square() * keep).sum() / n
+
+
 class CausalLM(TransformerModule):
     """Next-token prediction with cross-entropy that ignores ``IGNORE_INDEX`` labels (padding, prompts).
 
@@ -189,6 +207,8 @@ class CausalLM(TransformerModule):
     ) -> None:
         super().__init__(model, optimizer, scheduler, adapter)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # optim.z_loss, set by the experiment when training: the weight of the z-loss term (cross_entropy_and_z)
+        self.z_loss = 0.0
         # metric states are not persistent: renaming or adding one leaves checkpoints as they are
         self.val_loss = MeanMetric()  # weighted by the tokens of each batch: the loss per token
         self.val_acc = MulticlassAccuracy(
@@ -212,9 +232,14 @@ class CausalLM(TransformerModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch.get("positions"), batch.get("segments"))
-        loss = self.loss(logits, batch["labels"])
-        self.log("train/loss", loss)  # shown by callbacks.progress.ProgressBar at refresh: no per-step sync
-        return loss
+        if not self.z_loss:
+            loss = self.loss(logits, batch["labels"])
+            self.log("train/loss", loss)  # shown by callbacks.progress.ProgressBar at refresh: no per-step sync
+            return loss
+        loss, z = cross_entropy_and_z(logits, batch["labels"])
+        self.log("train/loss", loss)  # the cross-entropy alone, comparable with runs without z-loss
+        self.log("train/z_loss", z)  # unweighted: the mean squared log-partition, comparable across weights
+        return loss + self.z_loss * z
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch.get("positions"), batch.get("segments"))

@@ -117,6 +117,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: Any) -> None:
         raise UserError(
             f"tensor_parallel_size={tp} must divide model.n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads}"
         )
+    if cfg.qk_norm:  # each rank would see its own heads only, and its gains would drift from the others'
+        raise UserError(f"model.qk_norm=true does not work with tensor_parallel_size={tp} yet: use FSDP or DDP alone")
     plan = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

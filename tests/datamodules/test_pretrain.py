@@ -224,22 +224,25 @@ def test_tensor_parallel_ranks_read_the_same_batches(corpus_dm, monkeypatch):
     assert seen[0] == seen[1] and len(seen[0]) == len(corpus_dm.train_dataset)
 
 
-def test_datamodule_state_dict_resumes_batches(small_src, tmp_path):
-    dm = small_dm(small_src, tmp_path)
+@pytest.mark.parametrize("document_mask", [False, True])
+def test_datamodule_state_dict_resumes_batches(small_src, tmp_path, document_mask):
+    dm = small_dm(small_src, tmp_path, document_mask=document_mask)
     dm.prepare()
-    reference = [b["input_ids"] for b in dm.train_dataloader()]
+    reference = list(dm.train_dataloader())
     it = iter(dm.train_dataloader())
     for _ in range(3):
         next(it)
     state = dm.state_dict()
     assert state["position"] == 3 * 4 and state["epoch"] == 0
 
-    dm2 = small_dm(small_src, tmp_path)
+    dm2 = small_dm(small_src, tmp_path, document_mask=document_mask)
     dm2.load_state_dict(state)  # Lightning restores before asking for the dataloader
     dm2.prepare()
-    rest = [b["input_ids"] for b in dm2.train_dataloader()]
+    rest = list(dm2.train_dataloader())
     assert len(rest) == len(reference) - 3
-    assert all((a == b).all() for a, b in zip(rest, reference[3:]))
+    keys = {"input_ids", "labels"} | ({"segments", "positions"} if document_mask else set())
+    for a, b in zip(rest, reference[3:]):
+        assert set(a) == set(b) == keys and all(torch.equal(a[k], b[k]) for k in keys)
 
 
 # ---------------------------------------------------------------------------------------------------------

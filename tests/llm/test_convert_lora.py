@@ -306,3 +306,36 @@ def test_trained_adapters_export(tmp_path_factory, data_cache):
     close(logits(peft_model, x), adapted)
     close(logits(transformers.LlamaForCausalLM.from_pretrained(out / "merged"), x), adapted)
     close(logits(ours(out / "merged.ckpt"), x), adapted)
+
+
+def test_qk_norm_base_exports_as_qwen3_merged_and_as_a_peft_adapter(tmp_path, tokenizer):
+    """A LoRA run on a base with qk_norm: its gains stay frozen with the other base weights (LoRA wraps the Linear
+    layers only); to-hf writes the merged Qwen3 and --adapter-only a PEFT adapter that loads onto the base's export."""
+    cfg = debug_model(vocab_size=320, qk_norm=True, tie_embeddings=True)
+    base = make_base(tmp_path / "base.ckpt", cfg, tokenizer).eval()
+    adapter = lora.LoRAConfig(rank=4, alpha=8.0)
+    adapted, _ = make_adapter(tmp_path / "adapter.ckpt", tmp_path / "base.ckpt", base, adapter, tokenizer)
+    assert not adapted.layers[0].attention.q_norm.weight.requires_grad
+    assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
+        f"layers.{i}.{lora.TARGETS[t]}.{t}.{key}"
+        for i in range(2)
+        for t in adapter.targets
+        for key in ("lora_a", "lora_b")
+    }
+
+    for argv in (
+        ["to-hf", str(tmp_path / "base.ckpt"), str(tmp_path / "base_hf")],
+        ["to-hf", str(tmp_path / "adapter.ckpt"), str(tmp_path / "merged_hf")],
+        ["to-hf", str(tmp_path / "adapter.ckpt"), str(tmp_path / "peft"), "--adapter-only",
+         "--base-model", str(tmp_path / "base_hf")],
+    ):  # fmt: skip
+        assert convert.main(argv) == 0
+    x = tokens(cfg)
+    merged, info = no_load_warnings(
+        lambda: transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf", output_loading_info=True)
+    )
+    assert type(merged) is transformers.Qwen3ForCausalLM and all(not v for v in info.values()), info
+    close(logits(merged, x), logits(adapted, x))
+    peft_model = no_load_warnings(lambda: peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft")).eval()
+    assert type(peft_model.get_base_model()) is transformers.Qwen3ForCausalLM
+    close(logits(peft_model, x), logits(adapted, x))

@@ -6,6 +6,7 @@ Run as a script, this file is the measuring subprocess: `python tests/llm/test_p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -239,15 +240,17 @@ def saved_bytes_per_token(model: Transformer, precision: str) -> float:
     return sum(saved.values()) / (B * T)  # includes the (T, D) rotary tables: per position, <0.5% here
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
-def test_block_activations_are_what_autograd_saves(precision):
+def test_block_activations_are_what_autograd_saves(precision, qk_norm):
     """block_activation_bytes counts, per token, exactly the tensors autograd keeps (parameters and autocast's
     weight copies excluded: those are weights and buffers)."""
-    model = Transformer(WIDE)
+    cfg = dataclasses.replace(WIDE, qk_norm=qk_norm)
+    model = Transformer(cfg)
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     measured = saved_bytes_per_token(model, precision)
-    assert measured == pytest.approx(block_activation_bytes(WIDE, PRECISIONS[precision], "cpu"), rel=0.01)
+    assert measured == pytest.approx(block_activation_bytes(cfg, PRECISIONS[precision], "cpu"), rel=0.01)
 
 
 # ~22M parameters: big enough that activations and weights stand out from the process's one-time buffers
@@ -344,11 +347,13 @@ def test_adapter_counts_are_the_adapted_model_s(model, targets):
         ("bf16-true", False, 0.0, ["w1"]),
     ],
 )
-def test_adapter_block_activations_are_what_autograd_saves(precision, bf16_base, dropout, targets):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_adapter_block_activations_are_what_autograd_saves(precision, bf16_base, dropout, targets, qk_norm):
     """With a frozen base, a block keeps what adapter_block_activation_bytes counts: the frozen projections keep
     no inputs, the adapters keep theirs (dropped copies and masks with dropout), the rest as in full training."""
     cfg = lora.LoRAConfig(rank=8, dropout=dropout, targets=targets)
-    model = lora.apply(Transformer(WIDE), cfg)
+    wide = dataclasses.replace(WIDE, qk_norm=qk_norm)
+    model = lora.apply(Transformer(wide), cfg)
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     if bf16_base:  # what llm/training/adapters.py prepare_base does on one GPU under bf16
@@ -356,7 +361,7 @@ def test_adapter_block_activations_are_what_autograd_saves(precision, bf16_base,
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     stream = 2 if bf16_base or precision == "bf16-true" else 4
-    expected = adapter_block_activation_bytes(WIDE, cfg, PRECISIONS[precision], stream, "cpu")
+    expected = adapter_block_activation_bytes(wide, cfg, PRECISIONS[precision], stream, "cpu")
     assert saved_bytes_per_token(model, precision) == pytest.approx(expected, rel=0.01)
 
 

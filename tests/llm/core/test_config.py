@@ -32,6 +32,7 @@ def test_derived_fields():
         ({"dropout": -0.1}, "model.dropout"),
         ({"rope_theta": 0.0}, "model.rope_theta"),
         ({"norm_eps": 0.0}, "model.norm_eps"),
+        ({"qk_norm": "yes"}, "model.qk_norm"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "model.rope_scaling"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "model.rope_scaling.*missing.*low_freq_factor"),
     ],
@@ -73,3 +74,11 @@ def test_dict_round_trip_and_unknown_keys():
     assert ModelConfig.from_dict(d) == cfg
     with pytest.raises(ValueError, match="dmi, n_layer"):
         ModelConfig.from_dict({**d, "dmi": 3, "n_layer": 2})
+
+
+def test_qk_norm_is_off_by_default_and_in_the_dict():
+    """A checkpoint saved before qk_norm existed has no such key: it reads as the Llama it was."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, qk_norm=True)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["qk_norm"] is True
+    old = {k: v for k, v in cfg.to_dict().items() if k != "qk_norm"}
+    assert ModelConfig.from_dict(old).qk_norm is False

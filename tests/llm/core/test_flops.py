@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from llm.core.config import ModelConfig
-from llm.core.flops import attention_flops_per_token, count_params, flops_per_token, matmul_params
+from llm.core.flops import attention_flops_per_token, count_params, flops_per_token, matmul_params, norm_params
+from llm.core.memory import Plan
 from llm.core.model import Transformer
 
 MODEL_CONF = Path(__file__).resolve().parents[3] / "conf" / "model"
@@ -58,3 +59,20 @@ def test_flops_per_token_formula():
 def test_counts_need_a_vocab():
     with pytest.raises(ValueError, match="model.vocab_size"):
         count_params(ModelConfig(dim=64, n_layers=1, n_heads=4))
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_qk_norm_gains_are_counted(name):
+    """qk_norm adds a gain of head_dim for queries and one for keys per block: the counts and the planner see them."""
+    cfg = ModelConfig(**{**load_size(name).to_dict(), "qk_norm": True})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())
+    assert sum(p.numel() for p in params.values()) == count_params(cfg) == Plan(model=cfg, seq_len=8).params
+    assert count_params(cfg) == count_params(load_size(name)) + 2 * cfg.n_layers * cfg.head_dim
+    assert norm_params(cfg) == sum(p.numel() for n, p in params.items() if n.endswith("norm.weight"))
+    # autocast's 16-bit copies are of the matrices, never of a gain
+    matrices = sum(
+        p.numel() for n, p in params.items() if p.ndim == 2 and (cfg.tie_embeddings or n != "tok_embeddings.weight")
+    )
+    assert Plan(model=cfg, precision="bf16-mixed", seq_len=8).buffers == 2 * matrices

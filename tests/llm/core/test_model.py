@@ -222,3 +222,74 @@ def test_backward_reaches_every_parameter():
     model(tokens).logsumexp(-1).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# --------------------------------------------------------------------------------------------------------- QK-norm
+
+
+def randomise_norms(model: Transformer) -> Transformer:
+    """Norm gains start at ones; random ones make a skipped or misplaced gain show in the outputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_qk_norm_adds_one_gain_per_head_dim_and_changes_outputs():
+    plain, normed = build(), build(qk_norm=True)  # one seed: the same projections (the gains draw nothing)
+    shapes = {n: tuple(p.shape) for n, p in normed.named_parameters()}
+    added = {n: s for n, s in shapes.items() if n not in dict(plain.named_parameters())}
+    assert added == {f"layers.{i}.attention.{qk}_norm.weight": (16,) for i in range(2) for qk in "qk"}
+    assert plain.layers[0].attention.q_norm is None
+    missing = normed.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert set(missing) == set(added)
+    tokens = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert (normed(tokens) - plain(tokens)).abs().max() > 1e-3
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_wq_and_wk():
+    """Why it is there: each head's query and key are normalised, so scaling wq and wk leaves the logits as they are
+    (eps is tiny here so that it does not count), where the plain model's attention sharpens."""
+    tokens = torch.randint(0, 128, (2, 12))
+    for qk_norm in (True, False):
+        model = build(qk_norm=qk_norm, norm_eps=1e-10)
+        with torch.no_grad():
+            before = model(tokens)
+            for layer in model.layers:
+                layer.attention.wq.weight.mul_(30.0)
+                layer.attention.wk.weight.mul_(3.0)
+            after = model(tokens)
+        if qk_norm:
+            torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+        else:
+            assert (after - before).abs().max() > 1e-2
+
+
+def test_qk_norm_kv_cache_and_left_padding_match_recomputation():
+    model = randomise_norms(build(qk_norm=True, n_kv_heads=2, rope_scaling=_LLAMA3_SCALING))
+    long_prompt, short_prompt = torch.randint(0, 128, (8,)), torch.randint(0, 128, (5,))
+    prompts = torch.stack([long_prompt, torch.cat([torch.zeros(3, dtype=torch.long), short_prompt])])
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, :3] = False
+    with torch.no_grad():
+        batched = greedy_with_cache(model, prompts, valid, n_new=6)
+        alone = [greedy_by_recomputation(model, p, n_new=6) for p in (long_prompt, short_prompt)]
+    torch.testing.assert_close(batched[0], alone[0])
+    torch.testing.assert_close(batched[1], alone[1])
+
+
+def test_qk_norm_compiles_into_one_graph_with_the_same_outputs_and_gradients():
+    """model.compile compiles each block (llm/training/parallelize.py); aot_eager traces forward and backward as
+    inductor would, without generating code (seconds, not a minute, on the CPU)."""
+    eager = randomise_norms(build(qk_norm=True)).train()
+    compiled = randomise_norms(build(qk_norm=True)).train()
+    for block in compiled.layers:
+        block.compile(backend="aot_eager", fullgraph=True)
+    tokens = torch.randint(0, 128, (2, 12))
+    for model in (eager, compiled):
+        model(tokens).logsumexp(-1).mean().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert compiled.layers[0].attention.q_norm.weight.grad.abs().sum() > 0

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import llm.core.model as model_lib
-from llm.core.model import Transformer, segment_mask
+from llm.core import masks
+from llm.core.masks import segment_mask
+from llm.core.model import Transformer
 from tests.conftest import debug_model
 
 LENGTHS = [[7, 12, 3, 9], [20, 5]]  # two packed rows; the second ends with 6 padding tokens (T = 31)
@@ -45,9 +46,12 @@ def spans(lengths: list[list[int]]):
             at += n
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_packed_forward_equals_each_example_alone(n_kv_heads):
-    model = build(n_kv_heads=n_kv_heads)
+SHAPES = {"mha": dict(n_kv_heads=4), "gqa": dict(n_kv_heads=2), "gqa-qk-norm": dict(n_kv_heads=2, qk_norm=True)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_packed_forward_equals_each_example_alone(shape):
+    model = build(**SHAPES[shape])
     examples, tokens, positions, segments = packed_batch(LENGTHS)
     with torch.no_grad():
         packed = model(tokens, input_pos=positions, segments=segments)  # (B, T, V)
@@ -56,13 +60,13 @@ def test_packed_forward_equals_each_example_alone(n_kv_heads):
         torch.testing.assert_close(packed[b, start:end], expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_packed_gradients_equal_the_sum_over_examples(n_kv_heads):
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_packed_gradients_equal_the_sum_over_examples(shape):
     """A loss summed over the packed batch has the gradients of the same loss summed over the examples run alone."""
     examples, tokens, positions, segments = packed_batch(LENGTHS)
     weights = torch.randn(tokens.shape + (256,), generator=torch.Generator().manual_seed(2))
 
-    packed_model, alone_model = build(n_kv_heads=n_kv_heads), build(n_kv_heads=n_kv_heads)
+    packed_model, alone_model = build(**SHAPES[shape]), build(**SHAPES[shape])
     out = packed_model(tokens, input_pos=positions, segments=segments)
     real = torch.zeros(tokens.shape, dtype=torch.bool)
     for b, start, end in spans(LENGTHS):
@@ -114,14 +118,14 @@ def test_one_segment_is_plain_causal_attention():
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_block_mask_matches_the_dense_mask_on_cpu(monkeypatch):
     """The BlockMask branch, forced on the CPU with eager flex attention (forward only: it has no CPU backward)."""
-    if model_lib.flex_attention is None:
+    if masks.flex_attention is None:
         pytest.skip("no flex attention in this torch")
     model = build(n_kv_heads=2)
     _, tokens, positions, segments = packed_batch(LENGTHS)
     with torch.no_grad():
         dense = model(tokens, input_pos=positions, segments=segments)
-        monkeypatch.setattr(model_lib, "use_flex_attention", lambda *args, **kwargs: True)
-        monkeypatch.setattr(model_lib, "_compiled_flex_attention", lambda: model_lib.flex_attention)
+        monkeypatch.setattr(masks, "use_flex_attention", lambda *args, **kwargs: True)
+        monkeypatch.setattr(masks, "compiled_flex_attention", lambda: masks.flex_attention)
         flex = model(tokens, input_pos=positions, segments=segments)
     torch.testing.assert_close(flex, dense, rtol=0, atol=1e-5)
 
@@ -129,10 +133,10 @@ def test_flex_block_mask_matches_the_dense_mask_on_cpu(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention's kernel needs CUDA")
 def test_flex_attention_matches_sdpa_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 matmuls on both sides
-    model = build(n_kv_heads=2, max_seq_len=model_lib.FLEX_MIN_LEN).cuda().train()
+    model = build(n_kv_heads=2, max_seq_len=masks.FLEX_MIN_LEN).cuda().train()
     lengths = [[300, 100, 500, 124], [1000, 24]]  # T = FLEX_MIN_LEN = 1024
     _, tokens, positions, segments = (t.cuda() if torch.is_tensor(t) else t for t in packed_batch(lengths))
-    assert model_lib.use_flex_attention(tokens.device, tokens.shape[1], model.cfg, dropout_active=False)
+    assert masks.use_flex_attention(tokens.device, tokens.shape[1], model.cfg, dropout_active=False)
 
     def run():
         model.zero_grad()
@@ -141,7 +145,7 @@ def test_flex_attention_matches_sdpa_on_cuda(monkeypatch):
         return out.detach(), [p.grad.clone() for p in model.parameters()]
 
     flex_out, flex_grads = run()
-    monkeypatch.setattr(model_lib, "use_flex_attention", lambda *args, **kwargs: False)
+    monkeypatch.setattr(masks, "use_flex_attention", lambda *args, **kwargs: False)
     sdpa_out, sdpa_grads = run()
     torch.testing.assert_close(flex_out, sdpa_out, rtol=1e-4, atol=1e-4)
     for a, b in zip(flex_grads, sdpa_grads, strict=True):
