@@ -5,13 +5,20 @@
 `prompt=[a,b,c]` generates for a batch of prompts (printed in order, separated by `---` lines). `temperature=0` is
 greedy; otherwise the logits are divided by the temperature, cut to the `top_k` most likely tokens and to the
 smallest set whose probability reaches `top_p`, and sampled with a generator seeded by `seed` (the same seed
-gives the same text). Sampling itself (KV cache, left padding) is llm/core/sampling.py.
+gives the same text). Sampling itself (KV cache, left padding, a batch generated step by step) is
+llm/core/sampling.py.
+
+Besides the command, this module is what every user of a trained model shares (chat, serve, human evaluation):
+``load_model`` (model, tokenizer, special tokens, chat format and name of a checkpoint), ``ChatFormat`` (a
+conversation's prompt tokens, as the model was finetuned on them) and ``TextStream`` (a row's tokens as text as
+they come, with stop strings).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,39 @@ from llm.errors import LLMError, UserError
 from llm.training import checkpoint
 
 
+@dataclass
+class Loaded:
+    """A checkpoint ready to generate: what ``load_model`` returns."""
+
+    model: Transformer
+    tokenizer: Any  # tokenizers.Tokenizer
+    ids: dict[str, Any]  # {"bos", "eos", "pad", "eos_ids"} (checkpoint.special_ids)
+    chat: ChatFormat | None  # None: a base model, which continues plain text
+    name: str  # the model's name for an API: the checkpoint file's stem
+
+    @property
+    def start_token(self) -> int:
+        """What an empty prompt starts from: BOS, else EOS (a document boundary), else 0."""
+        return next((self.ids[r] for r in ("bos", "eos") if self.ids.get(r) is not None), 0)
+
+    @property
+    def pad_id(self) -> int:
+        return self.ids["pad"] if self.ids.get("pad") is not None else 0
+
+    def encode(self, text: str) -> list[int]:
+        """A plain-text prompt's tokens (an empty prompt is the start token)."""
+        return self.tokenizer.encode(text).ids or [self.start_token]
+
+
+def load_model(ckpt_path: str | Path, device: str = "cpu") -> Loaded:
+    """``load_for_inference`` with the chat format and a name; a checkpoint without a tokenizer is refused."""
+    model, tokenizer, ids, ckpt = _load(ckpt_path, device)
+    if tokenizer is None:
+        raise UserError(f"{ckpt_path}: no tokenizer in the checkpoint nor in its run directory")
+    chat = ChatFormat.of(ckpt, tokenizer, ids, ckpt_path)
+    return Loaded(model, tokenizer, ids, chat, Path(ckpt_path).stem)
+
+
 def load_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[Transformer, Any, dict[str, Any]]:
     """(model in eval mode, tokenizers.Tokenizer or None, special token ids) from a training or converted checkpoint.
 
@@ -31,6 +71,11 @@ def load_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[Tran
     The model is built on the meta device and materialised empty, so the checkpoint's weights are the only
     initialisation (no random init of a large model just to overwrite it).
     """
+    model, tokenizer, ids, _ = _load(ckpt_path, device)
+    return model, tokenizer, ids
+
+
+def _load(ckpt_path: str | Path, device: str) -> tuple[Transformer, Any, dict[str, Any], dict[str, Any]]:
     from tokenizers import Tokenizer
 
     ckpt = checkpoint.load(ckpt_path)
@@ -52,7 +97,105 @@ def load_for_inference(ckpt_path: str | Path, device: str = "cpu") -> tuple[Tran
             tokenizer_json = candidate.read_text(encoding="utf-8")
             ckpt = {**ckpt, "tokenizer": tokenizer_json}
     tokenizer = None if tokenizer_json is None else Tokenizer.from_str(tokenizer_json)
-    return model.eval(), tokenizer, checkpoint.special_ids(ckpt)
+    return model.eval(), tokenizer, checkpoint.special_ids(ckpt), ckpt
+
+
+class ChatFormat:
+    """A conversation's prompt tokens, in the format the model was finetuned on.
+
+    A checkpoint finetuned here stores our template (``chat_format``, datamodules.sft.ChatTemplate): the prompt is
+    encoded as in training, piece by piece (``encode_conversations``), so the tokens are exactly those the model
+    learnt. A converted Hugging Face model brings its Jinja ``chat_template``, rendered in Jinja's sandbox (a
+    template is data: it cannot reach Python objects or files) and encoded whole, as transformers does.
+    """
+
+    def __init__(self, tokenizer: Any, ids: dict[str, Any], *, ours: str | None = None, jinja: str | None = None):
+        self.tokenizer, self.ids, self.jinja_source = tokenizer, ids, jinja
+        self.ours = None
+        if ours is not None:
+            from datamodules.sft import ChatTemplate
+
+            self.ours = ChatTemplate(ours)
+        elif jinja is not None:
+            try:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError as err:
+                raise UserError("this checkpoint's chat template is Jinja: pip install jinja2") from err
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._jinja = env.from_string(jinja)
+
+    @classmethod
+    def of(cls, ckpt: dict[str, Any], tokenizer: Any, ids: dict[str, Any], path: Any) -> ChatFormat | None:
+        if ckpt.get("chat_format"):
+            return cls(tokenizer, ids, ours=ckpt["chat_format"])
+        if ckpt.get("chat_template"):
+            return cls(tokenizer, ids, jinja=ckpt["chat_template"])
+        return None
+
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Tokens of ``messages`` followed by the assistant's generation prompt."""
+        if self.ours is not None:
+            from datamodules.sft import ASSISTANT, encode_conversations
+
+            bos = self.ids["bos"] if self.ids.get("bos") is not None else self.ids["eos"]
+            ids, _, last = encode_conversations(
+                self.tokenizer, self.ours, [[*messages, {"role": ASSISTANT, "content": ""}]], bos, self.ids["eos"]
+            )[0]
+            return ids[:last].tolist()
+
+        def token(role: str) -> str:
+            return "" if self.ids.get(role) is None else self.tokenizer.id_to_token(self.ids[role])
+
+        try:
+            text = self._jinja.render(
+                messages=messages, add_generation_prompt=True, bos_token=token("bos"), eos_token=token("eos")
+            )
+        except Exception as err:  # a template error or one it raises itself (raise_exception is undefined here)
+            raise UserError(f"the checkpoint's chat template failed on these messages: {err}") from err
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class TextStream:
+    """One row's new tokens as text, as they come, cut at the first stop string.
+
+    ``push(token)`` returns the text that is now certain: a byte-level BPE token may end in the middle of a UTF-8
+    character (decoded as U+FFFD until the rest comes), and text that could be the start of a stop string is held
+    back until it is not. When a stop string appears, ``stopped`` becomes True and the text before it is the last
+    returned; the stop string itself is never returned (OpenAI's ``stop``). ``flush()`` returns what was held back
+    when the row ends otherwise. Special tokens are left out of the text, as ``llm.generate`` prints it.
+    """
+
+    def __init__(self, tokenizer: Any, stop: list[str] | tuple[str, ...] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # returned so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        # Decoding the whole row each time keeps byte-level merges right; rows are at most max_seq_len tokens.
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):  # an incomplete character: wait for its next byte
+            return ""
+        hits = [(i, s) for s in self.stop if (i := full.find(s, max(0, len(self.text) - len(s) + 1))) >= 0]
+        if hits:
+            end = min(i for i, _ in hits)
+            self.stopped = True
+            return self._emit(full[:end])
+        hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+        return self._emit(full[: len(full) - hold])
+
+    def flush(self) -> str:
+        if self.stopped or not self.ids:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+    def _emit(self, upto: str) -> str:
+        new = upto[len(self.text) :] if len(upto) > len(self.text) else ""
+        self.text += new
+        return new
 
 
 DEFAULTS: dict[str, Any] = {

@@ -74,3 +74,18 @@ def tiny_cfg(tmp_path, data_cache):
         return compose_config([*TINY, *extra], run_dir=tmp_path / "run", cache_dir=data_cache)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory, data_cache) -> Path:
+    """A finetuned (SFT) tiny model with its chat template, tokenizer and run directory: what chat, serve and
+    human evaluation are given. A few steps of pretraining, then a few of finetuning on the embedded SFT set."""
+    import train
+
+    root = tmp_path_factory.mktemp("chat-model")
+    train.train(compose_config(TINY, run_dir=root / "pretrain", cache_dir=data_cache))
+    run = [o for o in TINY if not o.startswith(("model.", "data."))]
+    pretrained = root / "pretrain" / "checkpoints" / "last.ckpt"
+    overrides = ["experiment=finetune", f"init_from={pretrained}", *run, "data.seq_len=128", "data.batch_size=4"]
+    train.train(compose_config(overrides, run_dir=root / "sft", cache_dir=data_cache))
+    return root / "sft" / "checkpoints" / "last.ckpt"
