@@ -25,6 +25,7 @@ from llm.app.spec import RunSpec, memory_plan, resolve
 from llm.core.memory import check
 from llm.errors import LLMError
 from llm.runtime import launch
+from llm.training import safe_load
 from llm.training.checkpoint import AtomicCheckpointIO, best_checkpoint, check_resume
 
 schema.register()
@@ -47,6 +48,7 @@ def train(cfg: DictConfig) -> float:
 
 @loggers.tracking_scope()  # this job's W&B run ends with it, and its trackers' variables (a sweep: one process)
 def run(cfg: DictConfig) -> Outcome:
+    safe_load.allow_unsafe(cfg.allow_unsafe_checkpoint)  # before anything reads init_from or ckpt_path
     spec = resolve(cfg)
     check_all(cfg.logger)  # a tracker's missing package or a misspelt key fails now, not after the data is read
     L.seed_everything(spec.seed, workers=True)
@@ -72,7 +74,7 @@ def run(cfg: DictConfig) -> Outcome:
     try:
         if spec.ckpt_path is None:  # a fresh run: validate the initial model first, so every curve starts at step 0
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=spec.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=spec.ckpt_path, **safe_load.lightning_kwargs())
     except SIGTERMException:  # Lightning cuts a validation short on SIGTERM; LastCheckpoint saved what there was
         return Outcome(float("nan"), "stopped", {"val_loss": float("nan")})
     if any(getattr(cb, "stopped_by", None) for cb in trainer.callbacks):
@@ -83,7 +85,9 @@ def run(cfg: DictConfig) -> Outcome:
     if trainer.limit_val_batches == 0:  # validation off: there is no val/loss, the last training loss stands in
         train_loss = float(trainer.callback_metrics["train/loss"])
         return Outcome(train_loss, fields={"validation": "off", "train_loss": train_loss})
-    final = trainer.validate(module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer))[0]
+    final = trainer.validate(
+        module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer), **safe_load.lightning_kwargs()
+    )[0]
     fields = {"val_loss": float(final["val/loss"])}
     if "val/bpb" in final:
         fields["val_bpb"] = float(final["val/bpb"])

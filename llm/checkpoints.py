@@ -11,15 +11,21 @@ from __future__ import annotations
 import sys
 
 from llm.errors import LLMError
+from llm.training import safe_load
 from llm.training.checkpoint import consolidate
+
+UNSAFE_FLAG = safe_load.CLI_FLAG
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    unsafe = UNSAFE_FLAG in args  # plain pickle, which runs any code the directory holds (trusted files only)
+    args = [a for a in args if a != UNSAFE_FLAG]
     if len(args) != 3 or args[0] != "consolidate":
-        print("usage: python -m llm.checkpoints consolidate CKPT_DIR OUT.ckpt", file=sys.stderr)
+        print(f"usage: python -m llm.checkpoints consolidate CKPT_DIR OUT.ckpt [{UNSAFE_FLAG}]", file=sys.stderr)
         return 2
     try:
+        safe_load.allow_unsafe(unsafe)
         consolidate(args[1], args[2])
     except LLMError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -40,6 +40,7 @@ import torch
 
 from llm.core.config import ROPE_SCALING_KEYS, ModelConfig
 from llm.errors import LLMError, UserError
+from llm.training import safe_load
 from llm.training.checkpoint import PREFIX, ROLES, expected_shapes, load, model_config_of, model_state, special_ids
 
 # our name (inside the Transformer) -> Hugging Face LlamaForCausalLM name (Qwen3ForCausalLM: the same plus q/k norms)
@@ -465,10 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("from-hf", help="Hugging Face directory -> our checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out_ckpt")
+    for p in sub.choices.values():  # from-hf reads safetensors only; the others read one of our checkpoints
+        p.add_argument(safe_load.CLI_FLAG, action="store_true", help=safe_load.CLI_HELP)
     args = parser.parse_args(argv)
     try:
         from llm import convert_lora  # imports this module: not at the top
 
+        safe_load.allow_unsafe(args.allow_unsafe_checkpoint)
         if args.command == "to-hf":
             dtype = _DTYPES[args.dtype] if args.dtype else None
             if args.adapter_only:

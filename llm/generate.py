@@ -27,7 +27,7 @@ import torch
 from llm.core.model import Transformer
 from llm.core.sampling import check_sampling, generate
 from llm.errors import LLMError, UserError
-from llm.training import checkpoint
+from llm.training import checkpoint, safe_load
 
 
 @dataclass
@@ -207,6 +207,7 @@ DEFAULTS: dict[str, Any] = {
     "top_p": None,
     "seed": 0,
     "device": "cpu",
+    "allow_unsafe_checkpoint": False,  # true: plain pickle, which runs any code the file holds (trusted files only)
 }
 
 
@@ -233,6 +234,8 @@ def _parse(argv: list[str]) -> Any:
                 args[key] = kind(value)
             except (TypeError, ValueError) as err:
                 raise UserError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from err
+    if not isinstance(args.allow_unsafe_checkpoint, bool):
+        raise UserError(f"allow_unsafe_checkpoint={args.allow_unsafe_checkpoint!r} must be true or false")
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     return args
 
@@ -241,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parse(argv)
+        safe_load.allow_unsafe(args.allow_unsafe_checkpoint)
         model, tokenizer, ids = load_for_inference(args.ckpt_path, args.device)
         if tokenizer is None:
             raise UserError(f"{args.ckpt_path}: no tokenizer in the checkpoint nor in its run directory")

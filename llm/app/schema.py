@@ -142,6 +142,7 @@ class RootSchema:
     run_dir: str = "."
     ckpt_path: str | None = None
     init_from: str | None = None
+    allow_unsafe_checkpoint: bool = False
     checkpoint: CheckpointSchema = dataclasses.field(default_factory=CheckpointSchema)
     plan: PlanSchema = dataclasses.field(default_factory=PlanSchema)
     model: Any = None

@@ -32,7 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from llm.core import lora
 from llm.core.config import ModelConfig
 from llm.errors import LLMError, UserError
-from llm.training import adapters
+from llm.training import adapters, safe_load
 
 PREFIX = "model."  # the LightningModule holds the Transformer as `model`
 HEAD = "head."  # and a classifier its head as `head`
@@ -82,7 +82,9 @@ def _load_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        ckpt = safe_load.torch_load(path, mmap=True)  # data only: a pickle that would run code is refused
+    except UserError:
+        raise
     except Exception as err:  # truncated zip, not a torch file, a pickle of something else, ...
         raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -141,7 +143,8 @@ def digest(path: str | Path) -> str:
 def load_meta(path: str | Path) -> dict[str, Any]:
     """Everything but the weights' values: a sharded directory's ``meta.pt``, or the (memory-mapped) file."""
     if is_sharded(path):
-        return torch.load(Path(path) / "meta.pt", map_location="cpu", weights_only=False)
+        safe_load.check_sharded(path)
+        return safe_load.torch_load(Path(path) / "meta.pt")
     return _load_file(Path(path))
 
 
@@ -341,6 +344,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
             raise
 
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's restore (``ckpt_path=``, validation of the best checkpoint) reads data only, like every other
+        path here (llm/training/safe_load.py); ``allow_unsafe_checkpoint`` decides, not Lightning's default."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return safe_load.torch_load(path)
+
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
 
@@ -357,11 +367,12 @@ def consolidate(ckpt_dir: str | Path, out: str | Path | None = None) -> dict[str
     ckpt_dir = Path(ckpt_dir)
     if not is_sharded(ckpt_dir):
         raise UserError(f"{ckpt_dir}: not a sharded checkpoint directory (no meta.pt and .metadata)")
-    meta = torch.load(ckpt_dir / "meta.pt", map_location="cpu", weights_only=False)
+    safe_load.check_sharded(ckpt_dir)  # before dcp_to_torch_save, which unpickles .metadata unrestricted
+    meta = safe_load.torch_load(ckpt_dir / "meta.pt")
     with tempfile.TemporaryDirectory() as tmp:
         flat = Path(tmp) / "full.pt"
         dcp_to_torch_save(ckpt_dir, flat)
-        full = torch.load(flat, map_location="cpu", weights_only=False)
+        full = safe_load.torch_load(flat)
     ckpt = {k: v for k, v in meta.items() if k not in ("loops", "optimizer_states", "lr_schedulers")}
     ckpt["state_dict"] = full["state_dict"]
     if out is not None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from llm.core.config import ModelConfig
 from llm.errors import UserError
+from llm.training import safe_load
 
 
 def apply(model: nn.Module, cfg: ModelConfig, strategy: Any | None) -> nn.Module:
@@ -222,6 +223,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         module = self.lightning_module
         path = Path(self.broadcast(str(checkpoint_path)))
+        if is_sharded(path):  # before DCP, which unpickles .metadata and non-tensor entries unrestricted
+            safe_load.check_sharded(path)
         if getattr(module, "adapter", None) is None or not is_sharded(path):
             return super().load_checkpoint(checkpoint_path, weights_only)
         from torch.distributed.checkpoint import load
@@ -243,7 +246,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                 self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"],
                 options=StateDictOptions(cpu_offload=True),
             )  # fmt: skip
-        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        return safe_load.torch_load(path / "meta.pt")
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:
