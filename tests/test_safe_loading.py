@@ -91,3 +91,15 @@ def test_hugging_face_pickled_weights_are_refused(tmp_path, marker, capsys, chat
     err = capsys.readouterr().err
     assert "only PyTorch .bin weights; re-save the model with safetensors" in err and not marker.exists()
     shutil.rmtree(hf)
+
+
+def test_the_commands_that_use_a_model_refuse_it(tmp_path, evil_ckpt, marker, capsys):
+    from llm.human_eval.__main__ import main as human_eval
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Who is Emma?", "response": "A heroine."}\n', encoding="utf-8")
+    study = ["new", str(tmp_path / "study"), "--a", str(evil_ckpt), "--b", "references", "--prompts", str(prompts)]
+    refused(human_eval(study), capsys.readouterr().err, marker)
+    from llm import serve
+
+    refused(serve.main([f"ckpt_path={evil_ckpt}", "port=0"]), capsys.readouterr().err, marker)

@@ -152,17 +152,19 @@ class Generation:
     @torch.inference_mode()
     def __iter__(self) -> Iterator[dict[int, int]]:
         model, device = self.model, self.model.tok_embeddings.weight.device
-        rows = list(range(len(self.prompts)))  # batch index -> row, the rows still generating
-        if max(self.budgets) == 0:
-            for r in rows:
+        for r, budget in enumerate(self.budgets):
+            if budget == 0:  # nothing to generate: done before the batch starts
                 self.finish_reason[r] = "length"
+        rows = [r for r, budget in enumerate(self.budgets) if budget > 0]  # batch index -> row, still generating
+        if not rows:
             return
-        B, T0 = len(rows), max(len(p) for p in self.prompts)
+        prompts = [self.prompts[r] for r in rows]
+        B, T0 = len(rows), max(len(p) for p in prompts)
         tokens = torch.full((B, T0), self.pad_id, dtype=torch.long, device=device)
         # valid key slots of the whole generation (B, T0 + max new): False on the left padding; the model reads the
         # first cached + new columns, so the generated slots are True from the start
         valid = torch.ones((B, T0 + max(self.budgets)), dtype=torch.bool, device=device)
-        for i, p in enumerate(self.prompts):  # left padding: each row's last prompt token is in column T0 - 1
+        for i, p in enumerate(prompts):  # left padding: each row's last prompt token is in column T0 - 1
             tokens[i, T0 - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
             valid[i, : T0 - len(p)] = False
         # Without padding, rotary positions are the cache slots (the model's default) and the mask is plainly causal.

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--seed", type=int, default=0, help="with a temperature: row i samples with seed + i")
     new.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     new.add_argument("--device", default="cpu")
+    new.add_argument(  # llm/training/safe_load.py's switch (not imported here: serve and summary need no torch)
+        "--allow-unsafe-checkpoint", action="store_true", help="plain pickle: runs any code a checkpoint holds"
+    )
 
     serve = commands.add_parser("serve", help="serve the rating page")
     serve.add_argument("study_dir", type=Path)
@@ -74,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "new":
             from llm.human_eval.study import Settings, build
+            from llm.training import safe_load
 
+            safe_load.allow_unsafe(args.allow_unsafe_checkpoint)
             settings = Settings(
                 args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.batch_size, args.device
             )

@@ -82,6 +82,9 @@ def test_batches_that_do_not_fit_are_refused_and_settings_checked(model):
         Sampling(temperature=-1)
     gen = Generation(model, [[0, 1]], Sampling(0))
     assert run(gen) == [] and gen.finish_reason == ["length"]
+    gen = Generation(model, [[0, 5, 6], [0, 7]], [Sampling(0), Sampling(3)])  # a row with nothing to do
+    run(gen)
+    assert gen.tokens[0] == [] and gen.finish_reason[0] == "length" and gen.tokens[1] == _greedy(model, [0, 7], 3)
 
 
 @pytest.fixture(scope="module")
