@@ -26,7 +26,8 @@ from llm.core.memory import check
 from llm.errors import LLMError
 from llm.runtime import launch
 from llm.training import safe_load
-from llm.training.checkpoint import AtomicCheckpointIO, best_checkpoint, check_resume
+from llm.training.checkpoint import best_checkpoint, check_resume
+from llm.training.checkpoint_io import AtomicCheckpointIO
 
 schema.register()
 launch.install()  # DDP/FSDP children run this job once, in this run directory (also in a sweep)

@@ -69,7 +69,7 @@ from llm.app.spec import RunSpec, memory_plan, resolve
 from llm.core.model import Transformer
 from llm.errors import LLMError
 from llm.training import parallelize
-from llm.training.checkpoint import AtomicCheckpointIO
+from llm.training.checkpoint_io import AtomicCheckpointIO
 from llm.training.module import IGNORE_INDEX
 from llm.training.optim import fused_default, param_groups, splits_matrices
 

@@ -146,5 +146,7 @@ def merge(ckpt_path: str | Path, out_ckpt: str | Path, *, base: str | Path | Non
     merged["state_dict"] = state
     merged["hyper_parameters"] = {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if k != "adapter"}
     out = Path(out_ckpt)
-    checkpoint.AtomicCheckpointIO().save_checkpoint(merged, out)  # tmp + fsync + rename; a full disk in one line
+    from llm.training.checkpoint_io import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint(merged, out)  # tmp + fsync + rename; a full disk in one line
     return out

@@ -100,6 +100,7 @@ def test_the_commands_that_use_a_model_refuse_it(tmp_path, evil_ckpt, marker, ca
     prompts.write_text('{"instruction": "Who is Emma?", "response": "A heroine."}\n', encoding="utf-8")
     study = ["new", str(tmp_path / "study"), "--a", str(evil_ckpt), "--b", "references", "--prompts", str(prompts)]
     refused(human_eval(study), capsys.readouterr().err, marker)
-    from llm import serve
+    from llm import chat, serve
 
     refused(serve.main([f"ckpt_path={evil_ckpt}", "port=0"]), capsys.readouterr().err, marker)
+    refused(chat.main([f"ckpt_path={evil_ckpt}"]), capsys.readouterr().err, marker)

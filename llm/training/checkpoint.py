@@ -16,23 +16,22 @@ precision, and ``init_from`` takes the shape from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import math
-import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from llm.core import lora
 from llm.core.config import ModelConfig
 from llm.errors import LLMError, UserError
 from llm.training import adapters, safe_load
+
+if TYPE_CHECKING:  # lightning is not imported here: inference commands start without it
+    import lightning as L
 
 PREFIX = "model."  # the LightningModule holds the Transformer as `model`
 HEAD = "head."  # and a classifier its head as `head`
@@ -306,53 +305,6 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
             if Path(cb.best_model_path).exists():
                 return cb.best_model_path
     return None
-
-
-# ------------------------------------------------------------------------------------------------------ writing
-
-
-class CheckpointWriteError(LLMError):
-    """Saving a checkpoint failed (full disk, no permission); the previous checkpoint is untouched."""
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``<name>.tmp-<pid>`` in the target directory, fsync, then ``os.replace``.
-
-    A kill at any moment leaves either the previous ``last.ckpt`` or the new one, never a truncated file
-    under the real name, and a full disk is reported in one line with the old checkpoint still in place.
-    Lightning's own ``_atomic_save`` serialises into an in-memory buffer first (a second copy of the whole
-    state in host memory) and targets fsspec in general; we write straight to the local file.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path}: {reason}; the previous one is kept"
-            ) from err
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Lightning's restore (``ckpt_path=``, validation of the best checkpoint) reads data only, like every other
-        path here (llm/training/safe_load.py); ``allow_unsafe_checkpoint`` decides, not Lightning's default."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return safe_load.torch_load(path)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        Path(path).unlink(missing_ok=True)
 
 
 def consolidate(ckpt_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import errno
 import pytest
 import torch
 
-from llm.training.checkpoint import AtomicCheckpointIO, CheckpointWriteError
+from llm.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from tests.conftest import debug_model
 
 
