@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llm.cli import parse_key_values
 from llm.core.sampling import Generation, Sampling
 from llm.errors import LLMError, UserError
 
@@ -298,23 +299,7 @@ def repl(chat: Chat, read: Callable[[str], str] = input) -> int:
 
 def _parse(argv: list[str]) -> Any:
     """The arguments (an OmegaConf dict), checked before the model is loaded; ``generate._parse``'s pattern."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise UserError(f"arguments are key=value, got {bad[0]!r} (known keys: {', '.join(DEFAULTS)})")
-    try:
-        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as err:
-        raise UserError(f"could not parse the arguments: {str(err).splitlines()[0]}") from err
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown argument(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
-    if not args.ckpt_path:
-        raise UserError("ckpt_path=CKPT is required")
-    if not isinstance(args.allow_unsafe_checkpoint, bool):
-        raise UserError(f"allow_unsafe_checkpoint={args.allow_unsafe_checkpoint!r} must be true or false")
+    args = parse_key_values(argv, DEFAULTS)
     values = {key: _value(key, args[key]) for key in SETTINGS}
     Sampling(**{**values, "max_new_tokens": values["max_new_tokens"] or 0})  # checked now, the context once loaded
     return args

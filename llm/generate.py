@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from llm.cli import parse_key_values
 from llm.core.model import Transformer
 from llm.core.sampling import check_sampling, generate
 from llm.errors import LLMError, UserError
@@ -212,21 +213,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _parse(argv: list[str]) -> Any:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise UserError(f"arguments are key=value, got {bad[0]!r} (known keys: {', '.join(DEFAULTS)})")
-    try:
-        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as err:
-        raise UserError(f"could not parse the arguments: {str(err).splitlines()[0]}") from err
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown argument(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
-    if not args.ckpt_path:
-        raise UserError("ckpt_path=CKPT is required")
+    args = parse_key_values(argv, DEFAULTS)
     for key, kind in [("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float), ("seed", int)]:
         value = args[key]
         if value is not None:
@@ -234,8 +221,6 @@ def _parse(argv: list[str]) -> Any:
                 args[key] = kind(value)
             except (TypeError, ValueError) as err:
                 raise UserError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from err
-    if not isinstance(args.allow_unsafe_checkpoint, bool):
-        raise UserError(f"allow_unsafe_checkpoint={args.allow_unsafe_checkpoint!r} must be true or false")
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     return args
 

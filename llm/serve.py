@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from llm.cli import parse_key_values
 from llm.errors import LLMError, UserError
 
 DEFAULTS: dict[str, Any] = {
@@ -46,21 +47,7 @@ DEFAULTS: dict[str, Any] = {
 
 def _parse(argv: list[str]) -> Any:
     """key=value arguments as llm.generate takes them, typed and checked (a UserError names the bad one)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise UserError(f"arguments are key=value, got {bad[0]!r} (known keys: {', '.join(DEFAULTS)})")
-    try:
-        args = OmegaConf.merge(OmegaConf.create(DEFAULTS), OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as err:
-        raise UserError(f"could not parse the arguments: {str(err).splitlines()[0]}") from err
-    unknown = sorted(set(args) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"unknown argument(s): {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
-    if not args.ckpt_path:
-        raise UserError("ckpt_path=CKPT is required")
+    args = parse_key_values(argv, DEFAULTS)
     for key, low, high in [("port", 0, 65535), ("max_batch", 1, None)]:
         value = args[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
@@ -72,8 +59,6 @@ def _parse(argv: list[str]) -> Any:
         raise UserError(f"batch_wait_ms={args.batch_wait_ms!r} is not a number") from err
     if not 0 <= args.batch_wait_ms <= 1000:
         raise UserError(f"batch_wait_ms={args.batch_wait_ms} must be in [0, 1000]")
-    if not isinstance(args.allow_unsafe_checkpoint, bool):
-        raise UserError(f"allow_unsafe_checkpoint={args.allow_unsafe_checkpoint!r} must be true or false")
     args.host = str(args.host)
     # a key given as digits arrives as an int; an empty key would accept any request that sends "Bearer "
     key = args.api_key if args.api_key is not None else os.environ.get("LLM_SERVE_API_KEY")
