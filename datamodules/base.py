@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
@@ -57,6 +58,13 @@ class PreparedDataModule(L.LightningDataModule):
             self._token_bytes = torch.from_numpy(token_bytes(self.tokenizer))
             self._token_bytes_of = self.tokenizer
         return self._token_bytes
+
+    @property
+    def token_counts(self) -> np.ndarray | None:
+        """How often each token id occurs in the train split, (vocab_size,) int64; None where the data keeps no
+        counts (callbacks/embeddings.py then falls back to the first ids). Cheap to read: counted when the data
+        is prepared (pretraining: with the shards, in the cache) or from examples already in memory."""
+        return None
 
     def __init__(self) -> None:
         super().__init__()

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -179,6 +180,11 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         self.val_dataset = TokenWindows(
             corpus.shards("val"), corpus.dtype, corpus.n_val, self.seq_len, tail=True, pad_id=self.pad_id, eos_id=eos_id
         )
+
+    @property
+    def token_counts(self) -> np.ndarray | None:
+        """The train split's token counts, kept in the cache entry (None for an entry built before they were)."""
+        return None if self.corpus is None else self.corpus.token_counts
 
     def tokenizer_source(self) -> Path:
         assert self.corpus is not None

@@ -437,6 +437,18 @@ class SFTDataModule(ExampleDataModule):
     def _collate(self) -> PadCollate | PackCollate:
         return PackCollate(self.pad_id) if self.packing else PadCollate(self.pad_id)
 
+    @property
+    def token_counts(self) -> np.ndarray | None:
+        """Token counts of the train examples (prompts and responses), counted on first use from the ids already
+        in memory: milliseconds for the embedded set, nothing added to preparation."""
+        if self.train_dataset is None or self.tokenizer is None:
+            return None
+        if getattr(self, "_token_counts", None) is None:
+            ids = [e.ids for e in self.train_dataset.examples]
+            vocab = self.tokenizer.get_vocab_size()
+            self._token_counts = np.bincount(np.concatenate(ids), minlength=vocab) if ids else np.zeros(vocab, np.int64)
+        return self._token_counts
+
     def summary(self) -> str:
         text = super().summary()
         if not self.packing:

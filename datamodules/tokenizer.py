@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
@@ -143,6 +144,11 @@ def _byte_of_char() -> dict[str, int]:
     return chars
 
 
+def _is_byte_level(tok: Tokenizer) -> bool:
+    """Whether the tokenizer decodes through byte-level BPE's alphabet (ours, GPT-2's, Llama 3's)."""
+    return '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get("decoder"))  # also inside a Sequence
+
+
 def token_bytes(tok: Tokenizer) -> np.ndarray:
     """UTF-8 bytes of text that each token id stands for, (vocab_size,) int64; 0 for special tokens.
 
@@ -155,7 +161,7 @@ def token_bytes(tok: Tokenizer) -> np.ndarray:
     table = np.zeros(n, dtype=np.int64)
     added = tok.get_added_tokens_decoder()
     alphabet = _byte_of_char()
-    byte_level = '"ByteLevel"' in json.dumps(json.loads(tok.to_str()).get("decoder"))  # also inside a Sequence
+    byte_level = _is_byte_level(tok)
     for token, i in tok.get_vocab(with_added_tokens=True).items():
         if i >= n:
             continue
@@ -168,3 +174,47 @@ def token_bytes(tok: Tokenizer) -> np.ndarray:
         else:
             table[i] = len(token.replace("\u2581", " ").removeprefix("##").encode("utf-8"))
     return table
+
+
+def _visible(text: str) -> str:
+    """``text`` with blanks and control characters made visible (see token_labels)."""
+    out = []
+    for ch in text:
+        if ch == " ":
+            out.append("▁")
+        elif ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte of an incomplete UTF-8 character (surrogateescape's form)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out) or "''"
+
+
+def token_labels(tok: Tokenizer, ids: Iterable[int]) -> list[str]:
+    """A readable label for each token id, for people (TensorBoard's projector and attention maps, llm.inspect).
+
+    A byte-level BPE token is shown as the text it stands for, with a space as ``▁`` (as SentencePiece writes
+    it: ``Ġthe`` -> ``▁the``), newline, tab and carriage return as ``\\n``, ``\\t``, ``\\r``, other control
+    characters and the bytes of an incomplete UTF-8 character as ``\\xNN``; a special token by its name
+    (``<|bos|>``); a token of another kind of tokenizer (SentencePiece, WordPiece) as its vocabulary entry, which is
+    readable already (``▁the``, ``<0x0A>``, ``##ing``), blanks made visible the same way; an id past the
+    vocabulary as ``<id N>``. No label holds a tab or a newline, so each fits a line of a TSV file.
+    """
+    special = {i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    byte_level = _is_byte_level(tok)
+    alphabet = _byte_of_char()
+    labels = []
+    for i in map(int, ids):
+        piece = tok.id_to_token(i)
+        if i in special:
+            labels.append(_visible(special[i]))
+        elif piece is None:  # a model whose embedding has more rows than the vocabulary
+            labels.append(f"<id {i}>")
+        elif byte_level and all(c in alphabet for c in piece):
+            labels.append(_visible(bytes(alphabet[c] for c in piece).decode("utf-8", errors="surrogateescape")))
+        else:
+            labels.append(_visible(piece))
+    return labels

@@ -49,6 +49,8 @@ RUNS = {
     "data": ["bench/data.py", "--quick", "--repeats", "1", "--copies", "3"],
     "sft_packing": ["bench/sft_packing.py", "--steps", "1", "--warmup", "1", "--rounds", "1", "--chat-examples", "200"],
     "document_mask": ["bench/document_mask.py", "--steps", "2", "--warmup", "1", "--no-attention"],
+    "attention": ["bench/attention.py", "--steps", "2", "--warmup", "1", "--calls", "2"],
+    "serve": ["bench/serve.py", "--smoke"],
     "quality": ["bench/quality.py", "--budget", "1", "--variants", "today", "muon", "--calibration-steps", "3",
                 "--set", "model.n_layers=1", "data.vocab_size=512"],  # fmt: skip
 }

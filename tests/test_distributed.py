@@ -16,6 +16,7 @@ import torch
 
 from llm.checkpoints import consolidate
 from llm.runtime import launch
+from tests.callbacks.test_embeddings import assert_written_once
 from tests.conftest import ROOT, TINY
 from tests.test_resume import losses
 
@@ -87,6 +88,7 @@ def test_two_processes_match_one_with_the_same_global_batch(single, initial, tmp
     run_dir = tmp_path / trainer
     probe = ["+callbacks.probe._target_=tests.test_distributed.ShardProbe", f"init_from={initial}"]
     run(run_dir, data_cache, *LAYOUTS[trainer], "trainer.devices=2", *probe)
+    assert_written_once(run_dir, steps=[0, 3, 6])  # the projector's files and the attention maps: by rank 0, once
 
     # the same 8 windows per step, split 4 + 4: losses and weights agree up to the order of float32 sums
     # (all-reduce and sharded reductions add in another order: ~1e-7 relative per step, 6 steps, Adam's

@@ -104,3 +104,6 @@ def test_the_commands_that_use_a_model_refuse_it(tmp_path, evil_ckpt, marker, ca
 
     refused(serve.main([f"ckpt_path={evil_ckpt}", "port=0"]), capsys.readouterr().err, marker)
     refused(chat.main([f"ckpt_path={evil_ckpt}"]), capsys.readouterr().err, marker)
+    from llm import inspect
+
+    refused(inspect.main(["neighbours", f"ckpt_path={evil_ckpt}", "word=Darcy"]), capsys.readouterr().err, marker)

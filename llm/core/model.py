@@ -176,6 +176,21 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, T, C) -> q (B, H, T, D), k (B, K, T, D) after QK-norm and RoPE, v (B, K, T, D): what attention
+        attends with. Its own method so that llm/core/attention_maps.py computes the weights from the same q, k."""
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # 2-D, so that each projection is one plain matmul
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if self.q_norm is not None:
+            # over D of each head (so the cache holds normed keys); cast back, as a float32 gain under autocast
+            # would promote q and k to float32 while attention runs in the compute dtype
+            q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -191,17 +206,8 @@ class Attention(nn.Module):
         CUDA, see Transformer.hidden). None is causal, and a single new token (T = 1) attends to every slot S (with a
         cache: all those written so far).
         """
-        B, T, C = x.shape
-        x = x.reshape(B * T, C)  # 2-D, so that each projection is one plain matmul
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        if self.q_norm is not None:
-            # over D of each head (so the cache holds normed keys); cast back, as a float32 gain under autocast
-            # would promote q and k to float32 while attention runs in the compute dtype
-            q, k = self.q_norm(q).to(q.dtype), self.k_norm(k).to(k.dtype)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)  # (B, H, T, D), (B, K, T, D), (B, K, T, D)
 
         if cache is not None:  # write the new keys/values at slots start..start+T-1, attend to all slots so far
             k_cache, v_cache = cache
