@@ -3,6 +3,7 @@ checkpoints. The command never runs (its side effect, a file, is checked), the a
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import subprocess
 import sys
@@ -44,8 +45,12 @@ def refused(rc: int, err: str, marker: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("how", ["init_from", "ckpt_path"])
+@pytest.mark.parametrize("how", ["init_from", "ckpt_path", "sharded ckpt_path"])
 def test_train_refuses_it(tmp_path, evil_ckpt, marker, data_cache, how):
+    if how == "sharded ckpt_path":  # an FSDP checkpoint directory whose DCP .metadata is the malicious pickle
+        evil_ckpt = sharded(tmp_path / "sharded")
+        (evil_ckpt / ".metadata").write_bytes(pickle.dumps(evil(marker)))
+        how = "ckpt_path"
     run = [o for o in TINY if not o.startswith(("model.", "data."))]  # finetune takes the model from init_from
     args = (
         ["experiment=finetune", f"init_from={evil_ckpt}", *run]

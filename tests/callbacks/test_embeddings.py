@@ -45,8 +45,9 @@ def test_counts_are_the_train_splits_kept_in_the_cache_and_an_old_entry_still_lo
 
     (dm.corpus.dir / "token_counts.npy").unlink()  # an entry built before counts were kept
     old = corpus_dm(tmp_path)
-    assert old.report["cache"]["hit"] and old.token_counts is None
+    assert old.report["cache"]["hit"] and old.corpus.token_counts is None
     assert old.corpus.dir == dm.corpus.dir  # the same entry, not rebuilt
+    np.testing.assert_array_equal(old.token_counts, counts)  # counted from its shards instead
 
 
 def test_sft_counts_its_train_examples(tmp_path):

@@ -128,6 +128,7 @@ def test_report_contents(tmp_path, paragraphs):
     assert sorted(p.name for p in corpus.dir.iterdir()) == [
         "meta.json",
         "report.json",
+        "token_counts.npy",
         "tokenizer.json",
         "train-00000.bin",
         "val-00000.bin",
