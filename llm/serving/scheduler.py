@@ -9,12 +9,11 @@ the rows; the scheduler thread takes the oldest waiting row and every later one 
 ``max_tokens``, at a stop string or when its job is cancelled (the client went away): ``Generation.stop`` drops it
 from the batch and the KV cache at the next step, which frees its share of the work.
 
-Known limit: a batch is formed when the previous one has finished; rows that arrive meanwhile wait for the next
-batch (``Generation`` is a fixed batch that rows can leave but not join). Under steady load that is most of the
-benefit of batching (the waiting rows go together), but a short request behind a long one waits for it. Before
-forming a batch the scheduler waits while rows keep arriving (``batch_wait_ms``, 5 ms without a new row, 20 ms at
-most), so that clients answered together by the last batch, who come back within milliseconds of each other, go
-into the next one together rather than the first of them alone.
+Rows that arrive while a batch runs join it between two steps (continuous batching: ``Generation.add`` prefills
+them and merges them into the running cache) while there is room (``max_batch`` rows) and the context allows
+(``Generation.can_add``); the others wait for the next batch. Before forming a new batch the scheduler waits while
+rows keep arriving (``batch_wait_ms``, 5 ms without a new row, 20 ms at most), so that clients answered together
+by the last batch, who come back within milliseconds of each other, start the next one together.
 
 ``stats`` counts what happened (requests, batches and their sizes, steps, tokens, cancelled rows), for
 ``GET /metrics`` and for tests, which also use ``pause``/``resume``, ``on_step`` and ``wait_for`` to stage
@@ -80,6 +79,7 @@ class Stats:
     running: int = 0  # rows in the batch being generated now
     batches: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # rows in a batch -> how many batches had that many
+    joined: int = 0  # rows that joined a batch already running (continuous batching)
     steps: int = 0  # forward passes after the prefill, one per generated position of a batch
     tokens: int = 0  # tokens generated, all rows
     rows_finished: int = 0  # rows that ended, for any reason (cancelled ones included)
@@ -200,22 +200,7 @@ class Scheduler:
             self._gather()
             if self._closed:
                 return None
-            batch: list[Row] = []
-            keep: deque[Row] = deque()
-            for row in self._waiting:
-                if row.job.cancelled:  # its client left while it waited: it never reaches the model
-                    self.stats.rows_cancelled += 1
-                    self.stats.rows_finished += 1
-                    self._send(row, Event(row.index, finish_reason="stop"))
-                elif len(batch) < self.max_batch and fits(
-                    [len(r.prompt) for r in (*batch, row)], [r.sampling.max_new_tokens for r in (*batch, row)],
-                    self.max_len,
-                ):  # fmt: skip
-                    batch.append(row)
-                else:  # another batch: the head of the queue is always taken, so no row waits forever
-                    keep.append(row)
-            self._waiting = keep
-            self.stats.waiting = len(keep)
+            batch = self._take(self.max_batch, lambda rows: fits(*_shape(rows), self.max_len))
             if batch:
                 self.stats.batches += 1
                 self.stats.batch_sizes[len(batch)] = self.stats.batch_sizes.get(len(batch), 0) + 1
@@ -223,12 +208,41 @@ class Scheduler:
             self._cond.notify_all()
             return batch
 
+    def _take(self, room: int, fit: Callable[[list[Row]], bool]) -> list[Row]:
+        """The waiting rows, oldest first, that fit together (``fit``) up to ``room`` rows (lock held); the others
+        keep their place. A row whose client left while it waited never reaches the model."""
+        taken: list[Row] = []
+        keep: deque[Row] = deque()
+        for row in self._waiting:
+            if row.job.cancelled:
+                self.stats.rows_cancelled += 1
+                self.stats.rows_finished += 1
+                self._send(row, Event(row.index, finish_reason="stop"))
+            elif len(taken) < room and fit([*taken, row]):
+                taken.append(row)
+            else:  # a later batch: the head of the queue is always taken by a new batch, so no row waits forever
+                keep.append(row)
+        self._waiting = keep
+        self.stats.waiting = len(keep)
+        return taken
+
+    def _join(self, gen: Generation, open_rows: int) -> list[Row]:
+        """Waiting rows that join the running batch now (room and context permitting); none while paused."""
+        with self._cond:
+            if self._paused or not self._waiting or open_rows >= self.max_batch:
+                return []
+            rows = self._take(self.max_batch - open_rows, lambda rows: gen.can_add(*_shape(rows)))
+            self.stats.joined += len(rows)
+            self.stats.running = open_rows + len(rows)
+            self._cond.notify_all()
+            return rows
+
     def _gather(self) -> None:
         """Wait (lock held, released while waiting) while rows keep arriving, up to 4 x batch_wait in all.
 
         Clients that got their answers at the end of a batch send their next requests within milliseconds of each
-        other; without this short wait the first to arrive would start a batch alone and the others would wait
-        for all of it (rows cannot join a running batch). A lone request pays one batch_wait (5 ms by default).
+        other; without this short wait the first to arrive would start a batch alone and the others would join it
+        one prefill at a time. A lone request pays one batch_wait (5 ms by default).
         """
         deadline = time.monotonic() + 4 * self.batch_wait
         while not self._closed and 0 < len(self._waiting) < self.max_batch:
@@ -237,6 +251,7 @@ class Scheduler:
                 return
 
     def _generate(self, batch: list[Row]) -> None:
+        batch = list(batch)  # grows as rows join
         gen = Generation(
             self.model, [r.prompt for r in batch], [r.sampling for r in batch], eos_id=self.eos_ids, pad_id=self.pad_id
         )
@@ -273,6 +288,13 @@ class Scheduler:
             for i in sorted(open_rows):
                 if gen.finish_reason[i] is not None or streams[i].stopped or i in cancelled:
                     finish(i)
+            joining = self._join(gen, len(open_rows))
+            if joining:  # rows that arrived while this batch ran: they step with it from the next step on
+                ids = gen.add([r.prompt for r in joining], [r.sampling for r in joining])
+                assert ids == list(range(len(batch), len(batch) + len(joining)))
+                batch += joining
+                streams += [TextStream(self.tokenizer, r.stop) for r in joining]
+                open_rows.update(ids)
             if self.on_step is not None:
                 self.on_step()
         for i in sorted(open_rows):  # the rows that ended at EOS in the last step (no step was yielded)
@@ -284,3 +306,8 @@ class Scheduler:
             row.job.notify(event)
         except Exception:  # a notify that fails (its event loop closed) loses only that client's events
             traceback.print_exc(file=sys.stderr)
+
+
+def _shape(rows: Sequence[Row]) -> tuple[list[int], list[int]]:
+    """(prompt lengths, max_new_tokens) of rows, as fits and Generation.can_add take them."""
+    return [len(r.prompt) for r in rows], [r.sampling.max_new_tokens for r in rows]

@@ -177,6 +177,36 @@ def test_sixteen_concurrent_requests_are_batched(server, client, http, loaded):
     assert metrics["batch_sizes"]["16"] == before["batch_sizes"].get(16, 0) + 1
 
 
+def test_a_request_arriving_mid_batch_joins_it(server, client, loaded):
+    first, second = f"{PROMPT} number one", "Emma"
+    want = [text_of(loaded, expected(loaded, loaded.encode(p), n)[0]) for p, n in [(first, 30), (second, 8)]]
+    sched, gate = server.scheduler, threading.Event()
+    before = sched.snapshot()
+    got: dict[str, str] = {}
+
+    def ask(name: str, prompt: str, n: int) -> None:
+        got[name] = (
+            client.completions.create(model=loaded.name, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
+        )
+
+    sched.on_step = lambda: gate.wait(30)  # the first batch holds after its first step...
+    long_one = threading.Thread(target=ask, args=("first", first, 30))
+    late = threading.Thread(target=ask, args=("second", second, 8))
+    try:
+        long_one.start()
+        assert sched.wait_for(lambda s: s["steps"] > before["steps"])
+        late.start()  # ...while the second request arrives and waits
+        assert sched.wait_for(lambda s: s["waiting"] == 1)
+    finally:
+        sched.on_step = None
+        gate.set()
+        long_one.join(60)
+        late.join(60)
+    assert [got["first"], got["second"]] == want  # joining changed neither answer
+    after = sched.snapshot()
+    assert after["joined"] == before["joined"] + 1 and after["batches"] == before["batches"] + 1
+
+
 def test_client_closing_a_stream_stops_its_row(server, client, loaded):
     kw = dict(model=loaded.name, messages=MESSAGES, max_tokens=60, temperature=0)
     whole = client.chat.completions.create(**kw)

@@ -137,3 +137,52 @@ def test_chat_prompt_is_the_training_encoding_and_the_jinja_rendering(tokenizer)
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(UserError, match="chat template failed"):
         ChatFormat(tokenizer, ids, jinja=evil).prompt(messages)
+
+
+def test_rows_that_join_a_running_batch_equal_each_row_alone(model):
+    short, long_ = [0, 9, 8], list(range(3, 40))  # shorter and longer than the running batch's cache
+    gen = Generation(model, PROMPTS[:2], [Sampling(12), Sampling(6, temperature=1.0, seed=3)])
+    joined = {}
+    for n, step in enumerate(gen, start=1):
+        if n == 3:
+            assert gen.can_add([len(short), len(long_)], [8, 5])
+            joined["short"], joined["long"] = gen.add(
+                [short, long_], [Sampling(8, temperature=0.9, seed=4), Sampling(5)]
+            )
+        if n == 5:
+            joined["stop"] = gen.add([PROMPTS[2]], Sampling(20))[0]
+        if n == 7:
+            gen.stop(joined["stop"])
+        if n == 12:  # row 0's last step, every other row done: the late row starts a batch of its own
+            assert set(step) == {0}
+            joined["late"] = gen.add([PROMPTS[3]], Sampling(4))[0]
+    expected = {
+        0: (PROMPTS[0], Sampling(12)),
+        1: (PROMPTS[1], Sampling(6, temperature=1.0, seed=3)),
+        joined["short"]: (short, Sampling(8, temperature=0.9, seed=4)),
+        joined["long"]: (long_, Sampling(5)),
+        joined["late"]: (PROMPTS[3], Sampling(4)),
+    }
+    for row, (prompt, s) in expected.items():
+        alone = Generation(model, [prompt], s)
+        run(alone)
+        assert gen.tokens[row] == alone.tokens[0], row
+        assert gen.finish_reason[row] == "length"
+    assert len(gen.tokens[joined["stop"]]) == 2 and gen.finish_reason[joined["stop"]] == "stop"
+    assert gen.tokens[joined["stop"]] == _greedy(model, PROMPTS[2], 2)
+
+
+def test_a_row_added_when_the_batch_ends_starts_a_new_one_and_the_cache_limit_holds(model):
+    gen = Generation(model, [[0, 1, 2]], Sampling(1))
+    added = None
+    for _ in gen:
+        if added is None:
+            added = gen.add([[0, 4]], Sampling(3))[0]
+    assert gen.tokens[added] == _greedy(model, [0, 4], 3)
+    busy = Generation(model, [[0, 1]], Sampling(60))
+    it = iter(busy)
+    next(it)
+    assert not busy.can_add([30], [10])  # 3 slots filled + 59 left for row 0: no room for a 30-token prompt
+    with pytest.raises(ValueError, match="do not fit the running batch"):
+        busy.add([list(range(1, 31))], Sampling(10))
+    assert busy.can_add([2], [2])
