@@ -11,8 +11,8 @@ side does the same work. Two servers are started as `python -m llm.serve ... por
 concurrent clients, the same ``--requests`` prompts (book sentences of 8-48 tokens) go to each server in turn from
 that many client threads, each sending its next request when its answer came (a closed loop); the answers of the
 two servers are checked equal. Prints, per server and client count, the new tokens per second (all new tokens /
-wall time of the round), the latency of a request (mean, p50, p95), the mean rows per batch (the server's
-``/metrics``), the server process's CPU seconds per 1,000 new tokens (which a busy shared machine disturbs less
+wall time of the round), the latency of a request (mean, p50, p95), the mean rows per forward step (the
+server's ``/metrics``: tokens / steps), the server process's CPU seconds per 1,000 new tokens (which a busy shared machine disturbs less
 than the wall clock) and batching's speed-up in tokens/s.
 """
 
@@ -145,9 +145,9 @@ def main() -> None:
                     before, cpu0 = httpx.get(f"{url}/metrics").json(), cpu_seconds(proc.pid)
                     results[name] = run_round(url, ckpt.stem, prompts, args.new, clients)
                     after, cpu[name] = httpx.get(f"{url}/metrics").json(), cpu_seconds(proc.pid) - cpu0
-                    batches = after["batches"] - before["batches"]
-                    per_batch[name] = sum(int(k) * (v - before["batch_sizes"].get(k, 0))
-                                          for k, v in after["batch_sizes"].items()) / max(batches, 1)  # fmt: skip
+                    # rows per forward pass: rows join running batches, so a batch's size at its start says little
+                    steps = after["steps"] - before["steps"]
+                    per_batch[name] = (after["tokens"] - before["tokens"]) / max(steps, 1)
                 texts = {name: [a[0] for a in r[2]] for name, r in results.items()}
                 if texts["batched"] != texts["one at a time"]:
                     raise SystemExit(f"{clients} clients: batched answers differ from one-at-a-time ones")
@@ -167,7 +167,7 @@ def main() -> None:
 
     print(
         "\n| clients | server | requests | new tokens | tokens/s | latency mean (s) | p50 (s) | p95 (s) "
-        "| rows per batch | server CPU s per 1k tokens |"
+        "| rows per step | server CPU s per 1k tokens |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
