@@ -9,6 +9,7 @@ feeds one token per row, which attends to the cache. A row stops at an end-of-se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,11 +60,11 @@ def sample(
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     """Reject settings that would silently do something else than asked, naming the argument."""
-    if temperature < 0:
+    if not math.isfinite(temperature) or temperature < 0:  # nan would pass every comparison
         raise UserError(f"temperature={temperature} must be >= 0 (0 is greedy)")
     if top_k is not None and top_k < 0:
         raise UserError(f"top_k={top_k} must be >= 1 (or null / 0 for no cut)")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # nan fails this test too
         raise UserError(f"top_p={top_p} must be in (0, 1] (or null for no cut)")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens} must be >= 0")

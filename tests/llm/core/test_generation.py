@@ -80,6 +80,11 @@ def test_batches_that_do_not_fit_are_refused_and_settings_checked(model):
         Generation(model, [list(range(1, 61)), [0, 1]], [Sampling(4), Sampling(10)])
     with pytest.raises(UserError, match="temperature=-1"):
         Sampling(temperature=-1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match="temperature="):
+            Sampling(temperature=bad)
+        with pytest.raises(UserError, match="top_p="):
+            Sampling(temperature=1.0, top_p=bad)
     gen = Generation(model, [[0, 1]], Sampling(0))
     assert run(gen) == [] and gen.finish_reason == ["length"]
     gen = Generation(model, [[0, 5, 6], [0, 7]], [Sampling(0), Sampling(3)])  # a row with nothing to do
