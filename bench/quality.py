@@ -83,8 +83,13 @@ VARIANTS: dict[str, list[str] | None] = {
 SWEEP: dict[str, list[str]] = {
     "combined:dim192x4": ["model.dim=192", "model.n_heads=6", "model.n_kv_heads=3", "model.ffn_dim=576"],
     "combined:dim256x2": ["model.n_layers=2"],
-    "combined:dim320x3": ["model.dim=320", "model.n_layers=3", "model.n_heads=10", "model.n_kv_heads=5",
-                          "model.ffn_dim=960"],  # fmt: skip
+    "combined:dim320x3": [
+        "model.dim=320",
+        "model.n_layers=3",
+        "model.n_heads=10",
+        "model.n_kv_heads=5",
+        "model.ffn_dim=960",
+    ],  # fmt: skip
     "combined:batch8": ["data.batch_size=8"],
     "combined:lr0.04": ["optim.lr=0.04", "optim.adamw_lr=6e-3"],
     "combined:lr0.01": ["optim.lr=0.01", "optim.adamw_lr=2e-3"],
@@ -182,7 +187,7 @@ def run_variant(name: str, overrides: list[str], args, data: list[str], tmp: Pat
     per_step = sorted(warm)[len(warm) // 2]  # the median: a busy moment does not set the number of steps
     steps = max(10, int(args.budget / per_step))
     real = [*overrides, *data, *quiet, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-            "trainer.limit_val_batches=null"]  # fmt: skip
+            f"trainer.limit_val_batches={args.val_batches if args.val_batches else 'null'}"]  # fmt: skip
     run_dir = tmp / name
     clock = train_run(run_dir, real, args.threads)
     return {
@@ -205,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every variant")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--calibration-steps", type=int, default=20)
+    parser.add_argument(
+        "--val-batches",
+        type=int,
+        default=None,
+        help="evaluate only this many batches of the held-out novel (default: all of it)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--list", action="store_true", help="print the variants and their overrides")
     args = parser.parse_args(argv)

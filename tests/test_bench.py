@@ -25,7 +25,18 @@ RUNS = {
         "1",
     ],
     "generate": ["bench/generate.py", "--shapes", "64x2", "--new", "4", "--batches", "1", "2", "--repeats", "1"],
-    "gpu_paths_on_cpu": ["bench/gpu.py", "--device", "cpu", "--tiny"],
+    # one run of each trainer kind (compile is covered by the training tests; here it would triple the time)
+    "gpu_paths_on_cpu": [
+        "bench/gpu.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--no-compile",
+        "--runs",
+        "1b:gpu",
+        "7b:fsdp",
+        "7b:qlora",
+    ],  # fmt: skip
     "scaling": [
         "bench/scaling.py",
         "--models",
@@ -51,8 +62,22 @@ RUNS = {
     "document_mask": ["bench/document_mask.py", "--steps", "2", "--warmup", "1", "--no-attention"],
     "attention": ["bench/attention.py", "--steps", "2", "--warmup", "1", "--calls", "2"],
     "serve": ["bench/serve.py", "--smoke"],
-    "quality": ["bench/quality.py", "--budget", "1", "--variants", "today", "muon", "--calibration-steps", "3",
-                "--set", "model.n_layers=1", "data.vocab_size=512"],  # fmt: skip
+    "quality": [
+        "bench/quality.py",
+        "--budget",
+        "1",
+        "--variants",
+        "today",
+        "muon",
+        "--calibration-steps",
+        "3",
+        "--val-batches",
+        "2",
+        "--set",
+        "model.n_layers=1",
+        "data.vocab_size=512",
+        "data.seq_len=64",
+    ],  # fmt: skip
 }
 
 
@@ -68,3 +93,4 @@ def test_bench_script_runs(name, tmp_path):
     else:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "|" in proc.stdout  # printed its table
+        assert "| failed:" not in proc.stdout, proc.stdout[-3000:]  # a run that failed is a row, not an exit code
