@@ -27,7 +27,7 @@ from llm.errors import LLMError
 from llm.runtime import launch
 from llm.training import safe_load
 from llm.training.checkpoint import best_checkpoint, check_resume
-from llm.training.checkpoint_io import AtomicCheckpointIO
+from llm.training.checkpoint_io import checkpoint_io
 
 schema.register()
 launch.install()  # DDP/FSDP children run this job once, in this run directory (also in a sweep)
@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> Outcome:
         **spec.trainer_arguments(),
         callbacks=build_all(cfg.callbacks, hparams={"planned_memory_gb": _planned_memory_gb(spec, module)}),
         logger=build_all(cfg.logger),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[checkpoint_io(cfg.checkpoint.async_save)],  # atomic writes; async: in a background thread
     )
     check_resume(spec.ckpt_path, module.config, module.adapter, module.adapter_base)
     try:
@@ -77,11 +77,10 @@ def run(cfg: DictConfig) -> Outcome:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=spec.ckpt_path, **safe_load.lightning_kwargs())
     except SIGTERMException:  # Lightning cuts a validation short on SIGTERM; LastCheckpoint saved what there was
-        return Outcome(float("nan"), "stopped", {"val_loss": float("nan")})
-    if any(getattr(cb, "stopped_by", None) for cb in trainer.callbacks):
-        return Outcome(
-            float("nan"), "stopped", {"val_loss": float("nan")}
-        )  # saved, and no final validation to wait for
+        return Outcome(float("nan"), "stopped", {"val_loss": float("nan"), "signal": "SIGTERM"})
+    if stopped_by := next((cb.stopped_by for cb in trainer.callbacks if getattr(cb, "stopped_by", None)), None):
+        # saved, and no final validation to wait for; the signal tells scripts/train.sbatch whether to requeue
+        return Outcome(float("nan"), "stopped", {"val_loss": float("nan"), "signal": stopped_by})
 
     if trainer.limit_val_batches == 0:  # validation off: there is no val/loss, the last training loss stands in
         train_loss = float(trainer.callback_metrics["train/loss"])

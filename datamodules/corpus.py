@@ -71,13 +71,14 @@ class CorpusSettings:
     seed: int = 1234
     num_proc: int | None = None  # encoding processes; None: automatic (see encoding.encode_processes)
     val_paths: Sequence[str] | None = None  # the val split's files; None: val_fraction of the documents of paths
+    where: str = "data"  # the config node these settings come from, named in errors ("data.sources.web")
     cleaning_rules: list[dict[str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.paths = [str(p) for p in self.paths]
         self.val_paths = None if self.val_paths is None else [str(p) for p in self.val_paths]
         if not self.paths and not self.val_paths:
-            raise DataError("data.paths is empty: give files, directories or globs")
+            raise DataError(f"{self.where}.paths is empty: give files, directories or globs")
         self.cleaning_rules = normalize_rules(self.cleaning)
 
 
@@ -113,18 +114,7 @@ def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCor
             '`if __name__ == "__main__":`'
         )
     t0 = time.perf_counter()
-    files: list[Path] = []
-    skipped: list[dict] = []
-    if settings.paths:  # empty only with val_paths: no train split
-        files, skipped = find_files(settings.paths)
-        if not files:
-            raise DataError(f"data.paths: no readable files in {_summary(settings.paths)}")
-    val_files: list[Path] | None = None
-    val_skipped: list[dict] = []
-    if settings.val_paths is not None:
-        val_files, val_skipped = find_files(settings.val_paths, key="data.val_paths")
-        if not val_files:
-            raise DataError(f"data.val_paths: no readable files in {_summary(settings.val_paths)}")
+    files, skipped, val_files, val_skipped = find_inputs(settings)
     key = cache_key(files, settings, val_files)
     cache_dir = Path(cache_dir).expanduser()
     out_dir = cache_dir / key
@@ -153,6 +143,25 @@ def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCor
     return corpus
 
 
+def find_inputs(settings: CorpusSettings) -> tuple[list[Path], list[dict], list[Path] | None, list[dict]]:
+    """``(files, skipped, val_files, val_skipped)`` of ``settings.paths`` and ``settings.val_paths`` (None without
+    them)."""
+    where = settings.where
+    files: list[Path] = []
+    skipped: list[dict] = []
+    if settings.paths:  # empty only with val_paths: no train split
+        files, skipped = find_files(settings.paths, key=f"{where}.paths")
+        if not files:
+            raise DataError(f"{where}.paths: no readable files in {_summary(settings.paths)}")
+    val_files: list[Path] | None = None
+    val_skipped: list[dict] = []
+    if settings.val_paths is not None:
+        val_files, val_skipped = find_files(settings.val_paths, key=f"{where}.val_paths")
+        if not val_files:
+            raise DataError(f"{where}.val_paths: no readable files in {_summary(settings.val_paths)}")
+    return files, skipped, val_files, val_skipped
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Building: the pipeline
 
@@ -168,39 +177,65 @@ def build(
 ) -> dict[str, Any]:
     """Run the pipeline into ``out_dir`` (an empty directory); returns the report. ``val_files``: those of
     ``settings.val_paths`` (None without)."""
+    cleaned = clean_and_split(files, skipped, settings, out_dir, val_files, val_skipped)  # 1-2
     t0 = time.perf_counter()
-    # 1. sources -> cleaning, spooled to disk (the train documents, then those of val_paths)
+    tok, tok_info = _tokenizer(settings, cleaned.spool, cleaned.is_val)  # 3
+    cleaned.timings["tokenizer"] = round(time.perf_counter() - t0, 3)
+    return pack(cleaned, settings, tok, tok_info, key, out_dir)  # 4
+
+
+@dataclass
+class Cleaned:
+    """Steps 1-2 of a build done: the kept documents spooled in ``out_dir``, split into train and val."""
+
+    sets: list[_SourceSet]
+    spool: Spool
+    is_val: np.ndarray  # (documents,) bool, in spool order
+    val_in_train: int | None
+    timings: dict[str, float]
+
+
+def clean_and_split(
+    files: list[Path],
+    skipped: list[dict],
+    settings: CorpusSettings,
+    out_dir: Path,
+    val_files: list[Path] | None = None,
+    val_skipped: Sequence[dict] = (),
+) -> Cleaned:
+    """Sources -> cleaning, spooled to ``out_dir`` (the train documents, then those of val_paths), then the split
+    by document."""
+    t0 = time.perf_counter()
     sets = [_SourceSet("paths", settings.paths, files, skipped)]
     if val_files is not None:
         sets.append(_SourceSet("val_paths", settings.val_paths or [], val_files, list(val_skipped)))
     spool, val_in_train = _read_and_clean(sets, settings, out_dir / "docs.spool")
-    train_set = sets[0]
-    t_clean = time.perf_counter()
-    # 2. split by document
     if val_files is None:
-        is_val = split_documents(train_set.cleaner.docs_kept, settings.val_fraction, settings.seed)
+        is_val = split_documents(sets[0].cleaner.docs_kept, settings.val_fraction, settings.seed)
     else:
-        is_val = np.repeat([False, True], [train_set.cleaner.docs_kept, sets[1].cleaner.docs_kept])
-    # 3. tokenizer
-    tok, tok_info = _tokenizer(settings, spool, is_val)
+        is_val = np.repeat([False, True], [sets[0].cleaner.docs_kept, sets[1].cleaner.docs_kept])
+    return Cleaned(sets, spool, is_val, val_in_train, {"read_and_clean": round(time.perf_counter() - t0, 3)})
+
+
+def pack(
+    cleaned: Cleaned, settings: CorpusSettings, tok: Tokenizer, tok_info: dict[str, Any], key: str, out_dir: Path
+) -> dict[str, Any]:
+    """Encode -> shards with ``tok`` into ``out_dir`` (which holds ``cleaned``'s spool, removed after), then the
+    report and ``meta.json`` (last: it marks the entry usable); returns the report."""
+    t0 = time.perf_counter()
+    spool, is_val = cleaned.spool, cleaned.is_val
     dtype = token_dtype(tok_info["vocab_size"])
-    t_tok = time.perf_counter()
-    # 4. encode -> shards
     index, n_proc, counts = _encode_to_shards(spool, is_val, tok, tok_info, dtype, settings.num_proc, out_dir)
     np.save(out_dir / TOKEN_COUNTS, counts)
-    spool.path.unlink()
-    t_end = time.perf_counter()
-
     text_bytes = int(spool.sizes_array().sum())
-    report = _report(settings, sets, is_val, val_in_train, tok_info, dtype, index, n_proc, text_bytes)
+    spool.path.unlink()
+    timings = {**cleaned.timings, "encode_and_pack": round(time.perf_counter() - t0, 3)}
+
+    report = _report(settings, cleaned.sets, is_val, cleaned.val_in_train, tok_info, dtype, index, n_proc, text_bytes)
     report["cache"] = {"key": key, "hit": False}
-    report["settings"] = {k: v for k, v in asdict(settings).items() if k != "cleaning"}
-    report["timings"] = {
-        "read_and_clean": round(t_clean - t0, 3),
-        "tokenizer": round(t_tok - t_clean, 3),
-        "encode_and_pack": round(t_end - t_tok, 3),
-    }
-    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["settings"] = {k: v for k, v in asdict(settings).items() if k not in ("cleaning", "where")}
+    report["timings"] = timings
+    report["seconds"] = round(sum(timings.values()), 3)
     write_json(out_dir / "report.json", report)
     meta = {
         "key": key,
@@ -240,14 +275,14 @@ class _SourceSet:
         """A set with no document left is an error naming why."""
         if not self.files:
             return
-        cleaner, where = self.cleaner, f"data.{self.key}"
+        cleaner, where = self.cleaner, f"{settings.where}.{self.key}"
         if cleaner.docs_read == 0:
             reasons = unread(self.stats) or [f"empty files, or data.text_field={settings.text_field!r} empty"]
             raise DataError(f"{where}: no documents in {_summary(self.paths)} ({'; '.join(reasons)})")
         if cleaner.docs_kept == 0:
             drops = ", ".join(f"{r.name}: {r.dropped}" for r in cleaner.rules if r.dropped)
             raise DataError(
-                f"data.cleaning dropped all {cleaner.docs_read} documents of {_summary(self.paths)} ({drops})"
+                f"{settings.where}.cleaning dropped all {cleaner.docs_read} documents of {_summary(self.paths)} ({drops})"
             )
 
 
@@ -321,7 +356,7 @@ def _tokenizer(settings: CorpusSettings, spool: Spool, is_val: np.ndarray) -> tu
         info: dict[str, Any] = {"trained": False, "source": str(settings.tokenizer)}
     else:
         used = [0]
-        docs = _train_docs(spool, is_val, settings.tokenizer_sample_bytes, settings.seed, used)
+        docs = train_documents(spool, is_val, settings.tokenizer_sample_bytes, settings.seed, used)
         tok = train_tokenizer(docs, settings.vocab_size)
         info = {
             "trained": True,
@@ -333,7 +368,7 @@ def _tokenizer(settings: CorpusSettings, spool: Spool, is_val: np.ndarray) -> tu
     return tok, {"vocab_size": tok.get_vocab_size(), **info, "bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id}
 
 
-def _train_docs(
+def train_documents(
     spool: Spool, is_val: np.ndarray, sample_bytes: int | None, seed: int, used: list[int]
 ) -> Iterator[str]:
     """The train documents for tokenizer training; with ``sample_bytes``, a seeded random subset of about that

@@ -1,10 +1,15 @@
 """Reading documents (a corpus) or JSON records (an example set) from files, directories and globs, streamed.
 
-Formats, chosen by the file name (each also as ``.gz``):
+Formats, chosen by the file name (the first three also compressed, as ``.gz`` or ``.zst``):
 
 - ``.txt``   one document per file, or one per paragraph (runs of blank lines) with ``split_paragraphs``;
 - ``.jsonl`` one JSON object per line, the document in ``text_field``;
-- ``.json``  a list of objects (or of strings), or a single object, the document in ``text_field``.
+- ``.json``  a list of objects (or of strings), or a single object, the document in ``text_field``;
+- ``.parquet`` one document per row, in the string column ``text_field`` (:mod:`datamodules.parquet`);
+- a bare ``.zst`` is JSON Lines, as The Pile and SlimPajama name their files.
+
+Zstandard is streamed by :mod:`datamodules.zstd` (``pip install zstandard``), Parquet read by pyarrow: both are
+the ``data`` extra.
 
 Reading streams: a ``.txt`` or ``.jsonl`` file is read line by line and a ``.json`` list element by element,
 so memory holds one document at a time, whatever the size of the corpus. :func:`read_documents` yields the
@@ -17,8 +22,9 @@ are left alone: normalising them is a cleaning rule. A file that is not text at 
 undecodable or control bytes in its first 8 KiB: an image, an archive, random bytes named ``.txt``) is
 skipped, with the reason, in :attr:`SourceStats.skipped_files`.
 
-Mistakes of the user (a missing path, a glob that matches nothing, a wrong ``text_field``, invalid JSON, a
-truncated ``.gz``) raise :class:`DataError` with a one-line message that names the path or key.
+Mistakes of the user (a missing path, a glob that matches nothing, a wrong ``text_field`` or a missing Parquet
+column, invalid JSON, a truncated ``.gz``, ``.zst`` or ``.parquet``) raise :class:`DataError` with a one-line
+message that names the path or key.
 """
 
 from __future__ import annotations
@@ -37,9 +43,13 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from datamodules.jsonstream import json_values
+from datamodules.parquet import read_parquet
+from datamodules.zstd import open_zstd
 from llm.errors import DataError  # noqa: F401  (re-exported: the data package's one error type)
 
-SUFFIXES = (".txt", ".jsonl", ".json")
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+COMPRESSIONS = (".gz", ".zst")  # of .txt, .jsonl and .json
+SUPPORTED = ".txt, .jsonl, .json (and .gz or .zst of them), .parquet"  # for messages
 CORPORA = Path(__file__).resolve().parent / "corpora"  # the embedded data sets and their licence
 EMBEDDED_CORPUS = CORPORA / "janeausten.jsonl.gz"
 
@@ -73,7 +83,7 @@ class SourceStats:
     documents: int = 0
     invalid_utf8_replacements: int = 0
     empty_files: int = 0
-    disk_bytes: int = 0  # bytes of the files as stored (compressed for .gz) read so far: for progress bars
+    disk_bytes: int = 0  # bytes of the files as stored (compressed for .gz / .zst) read so far: for progress bars
     skipped_files: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -92,15 +102,23 @@ def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
 codecs.register_error("datamodules.replace", _replace_and_count)
 
 
-def file_format(path: str | Path) -> str | None:
-    """``"txt"``, ``"jsonl"`` or ``"json"`` from the name (``.gz`` allowed), None if not supported."""
+def compression(path: str | Path) -> str | None:
+    """``"gz"``, ``"zst"`` or None, from the name."""
     name = Path(path).name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
+    return next((c[1:] for c in COMPRESSIONS if name.endswith(c)), None)
+
+
+def file_format(path: str | Path) -> str | None:
+    """``"txt"``, ``"jsonl"``, ``"json"`` or ``"parquet"`` from the name (the first three ``.gz`` or ``.zst``
+    too; a bare ``.zst`` is JSON Lines), None if not supported."""
+    name = Path(path).name.lower()
+    packed = compression(name)
+    if packed is not None:
+        name = name[: -len(packed) - 1]
     for suffix in SUFFIXES:
         if name.endswith(suffix):
-            return suffix[1:]
-    return None
+            return None if packed and suffix == ".parquet" else suffix[1:]  # Parquet compresses inside
+    return "jsonl" if packed == "zst" else None  # a bare .zst: JSON Lines
 
 
 def find_files(paths: Iterable[str | Path], key: str = "data.paths") -> tuple[list[Path], list[dict[str, str]]]:
@@ -118,7 +136,7 @@ def find_files(paths: Iterable[str | Path], key: str = "data.paths") -> tuple[li
     def add(p: Path, named: bool) -> None:
         if file_format(p) is None:
             if named:
-                raise DataError(f"{key}: {p} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)")
+                raise DataError(f"{key}: {p} is not a supported file (expected {SUPPORTED})")
             skipped.append({"path": str(p), "reason": "unsupported file type"})
             return
         resolved = p.resolve()
@@ -165,8 +183,14 @@ def find_files(paths: Iterable[str | Path], key: str = "data.paths") -> tuple[li
 # Opening and sniffing
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+def _decompressed(raw: IO[bytes], path: Path) -> IO[bytes]:
+    """The file's bytes as text is read from them: ``raw`` itself, or its gzip / zstd stream."""
+    packed = compression(path)
+    if packed == "gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if packed == "zst":
+        return open_zstd(raw)
+    return raw
 
 
 def sniff(head: bytes) -> tuple[str, str | None]:
@@ -192,8 +216,7 @@ def sniff(head: bytes) -> tuple[str, str | None]:
 
 def _open_text(raw: IO[bytes], path: Path, encoding: str) -> io.TextIOWrapper:
     """The file (decompressed) as text: invalid bytes replaced and counted, line endings untouched."""
-    binary = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
-    return io.TextIOWrapper(binary, encoding=encoding, errors="datamodules.replace", newline="")
+    return io.TextIOWrapper(_decompressed(raw, path), encoding=encoding, errors="datamodules.replace", newline="")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,7 +349,14 @@ def read_file(
     stats = stats if stats is not None else SourceStats()
     fmt = file_format(path)
     if fmt is None:
-        raise DataError(f"data.paths: {path} is not a supported file (expected {', '.join(SUFFIXES)} or .gz of them)")
+        raise DataError(f"data.paths: {path} is not a supported file (expected {SUPPORTED})")
+    if fmt == "parquet":
+        for doc in read_parquet(path, text_field, stats):
+            if split_paragraphs:
+                yield from split_into_paragraphs(doc.splitlines(keepends=True))
+            else:
+                yield doc
+        return
     yield from _stream(path, stats, lambda f: _documents(f, path, fmt, text_field, split_paragraphs, stats))
 
 
@@ -369,8 +399,8 @@ def _stream(path: Path, stats: SourceStats, items: Callable[[io.TextIOWrapper], 
     invalid_before = _invalid[0]
     n_items = 0
     try:
-        with _open_binary(path) as raw:
-            head = raw.read(SNIFF_BYTES)
+        with open(path, "rb") as raw, _decompressed(raw, path) as unpacked:
+            head = unpacked.read(SNIFF_BYTES)
         encoding, reason = sniff(head)
         if reason is not None:
             stats.skipped_files.append({"path": str(path), "reason": reason})
@@ -385,7 +415,7 @@ def _stream(path: Path, stats: SourceStats, items: Callable[[io.TextIOWrapper], 
                 yield item
             stats.bytes += f.buffer.tell()
             stats.disk_bytes = disk_before + raw.tell()
-    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt .gz, unreadable file
+    except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt .gz / .zst, unreadable file
         raise DataError(f"{path}: cannot be read ({_reason(e)})") from None
     finally:  # (documents of two files read interleaved would share their counts)
         stats.invalid_utf8_replacements += _invalid[0] - invalid_before

@@ -20,7 +20,10 @@ from tests.conftest import CONF, CORPORA, compose_config
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 # options that need a user value to compose (a mandatory `???` key)
-NEEDS = {("data", "text"): [f"data.paths=[{CORPORA / 'janeausten.jsonl'}]"]}
+NEEDS = {
+    ("data", "text"): [f"data.paths=[{CORPORA / 'janeausten.jsonl'}]"],
+    ("data", "mixture"): [f"+data.sources.austen.paths=[{CORPORA / 'janeausten.jsonl'}]"],
+}
 if not torch.cuda.is_available():  # the GPU options still compose; they are built for the CPU here
     NEEDS[("trainer", "gpu")] = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
 

@@ -91,6 +91,7 @@ def schema_for(
 class CheckpointSchema:
     every_n_steps: int | None = None  # periodic checkpoints besides last and best; null: none
     keep_last: int = 2  # how many periodic checkpoints to keep
+    async_save: bool = False  # write checkpoints in a background thread (llm/training/checkpoint_io.py)
 
 
 @dataclasses.dataclass
@@ -177,6 +178,7 @@ DATA_TARGETS = (
     "datamodules.sft.SFTDataModule",
     "datamodules.classify.ClassifyDataModule",
     "datamodules.preference.PreferenceDataModule",
+    "datamodules.mixture.MixtureDataModule",  # its sources are typed by datamodules.mixture.SourceSpec when built
 )
 
 

@@ -1,4 +1,5 @@
-"""Writing checkpoints atomically: Lightning's CheckpointIO that never leaves a truncated file under the real name.
+"""Writing checkpoints atomically: Lightning's CheckpointIO that never leaves a truncated file under the real name,
+and its asynchronous form (``checkpoint.async_save``), which writes in a background thread.
 
 Apart from llm/training/checkpoint.py (the format and reading) because it needs Lightning, which the inference
 commands (generate, chat, serve) do not import.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from llm.errors import LLMError
 from llm.training import safe_load
@@ -41,15 +45,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        except BaseException as err:
+            _unlink_quietly(tmp)
+            cause = _os_error(err) if isinstance(err, Exception) else None  # not a KeyboardInterrupt's context
+            if cause is None:
+                raise
+            reason = "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
             raise CheckpointWriteError(
                 f"could not write checkpoint {path}: {reason}; the previous one is kept"
             ) from err
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's restore (``ckpt_path=``, validation of the best checkpoint) reads data only, like every other
@@ -60,3 +64,109 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         Path(path).unlink(missing_ok=True)
+
+
+class AsyncCheckpointIO(AtomicCheckpointIO):
+    """``checkpoint.async_save=true``: the training loop copies the state to host memory and goes on; one background
+    thread writes it, atomically as :class:`AtomicCheckpointIO` does (temporary file, fsync, rename).
+
+    This is what torch.distributed.checkpoint's ``async_save`` does for its sharded format (stage on the caller,
+    write in a thread), for our single ``.ckpt`` file, which everything else here reads. The loop is blocked for
+    the copy only (``bench/checkpoint.py`` measures it against a synchronous save): on a GPU a device-to-host copy
+    at memory bandwidth instead of serialising and writing at disk speed. The copy is taken before returning, so
+    the next optimizer steps cannot change what is written.
+
+    Order and atomicity: writes and removals run one at a time, in the order Lightning asked for them (a
+    ModelCheckpoint's removal of an old file cannot overtake the write that created it); a kill at any moment
+    leaves the previous file or the new one, never a partial one. At most ``max_pending`` states are held in host
+    memory: a save beyond that waits for the oldest write (the two of a validation, last and best, go together).
+    A failed write (a full disk) is reported, in one line, at the next save or when training ends (``teardown``),
+    with the previous checkpoint kept. Reading a checkpoint waits for pending writes first.
+    """
+
+    def __init__(self, max_pending: int = 2) -> None:
+        super().__init__()
+        self.max_pending = max_pending
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self._raise_failed()
+        self._wait(keep=self.max_pending - 1)  # bound the host memory held by staged states
+        staged = apply_to_collection(checkpoint, torch.Tensor, _to_host)  # the blocking part: one copy of the state
+        self._submit(AtomicCheckpointIO.save_checkpoint, self, staged, path)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._submit(AtomicCheckpointIO.remove_checkpoint, self, path)  # after the writes queued before it
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        self.wait()
+        return super().load_checkpoint(path, map_location, weights_only)
+
+    def wait(self) -> None:
+        """Blocks until every queued write is on disk; raises the first failure (CheckpointWriteError)."""
+        self._wait(keep=0)
+        self._raise_failed()
+
+    def teardown(self) -> None:
+        """End of fit/validate: the last writes land before the run reads or reports anything."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        with self._lock:
+            self._pending.append(self._executor.submit(fn, *args))
+
+    def _wait(self, keep: int) -> None:
+        while True:
+            with self._lock:
+                running = [f for f in self._pending if not f.done()]
+                if len(running) <= keep:
+                    return
+                oldest = running[0]
+            oldest.exception()  # waits; the error, if any, stays in the future for _raise_failed
+
+    def _raise_failed(self) -> None:
+        with self._lock:
+            done = [f for f in self._pending if f.done()]
+            self._pending = [f for f in self._pending if not f.done()]
+        for future in done:  # reported once: a failed future is dropped from the list above
+            error = future.exception()
+            if error is not None:
+                raise error
+
+
+def checkpoint_io(async_save: bool = False) -> AtomicCheckpointIO:
+    """The CheckpointIO plugin for ``checkpoint.async_save``."""
+    return AsyncCheckpointIO() if async_save else AtomicCheckpointIO()
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory that later steps cannot change (on the CPU, a clone)."""
+    return tensor.detach().to("cpu", copy=True)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: torch's zip writer, closing after a full disk, raises a RuntimeError ("unexpected
+    pos ...") over the ENOSPC that caused it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only directory: there is no temporary file to remove either

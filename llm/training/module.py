@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
+from torchmetrics import MeanMetric, Metric, MetricCollection, SumMetric
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -36,6 +36,7 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 from llm.core import lora
 from llm.core.config import ModelConfig
@@ -220,6 +221,7 @@ class CausalLM(TransformerModule):
         self.token_bytes: torch.Tensor | None = None  # (vocab,) bytes per token id; set from the DataModule
         self.val_text_nats = SumMetric().set_dtype(torch.float64)
         self.val_text_bytes = SumMetric().set_dtype(torch.float64)
+        self.val_by_source = SourceSums()  # batches tagged with a `source` (data=mixture): val/loss/NAME, val/bpb/NAME
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None
@@ -243,18 +245,24 @@ class CausalLM(TransformerModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch.get("positions"), batch.get("segments"))
-        self.update_validation_metrics(logits, batch["labels"])
+        self.update_validation_metrics(logits, batch["labels"], batch.get("source"))
 
-    def update_validation_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add a batch's logits (B, T, V) against its labels (B, T) to the epoch's metrics."""
+    def update_validation_metrics(
+        self, logits: torch.Tensor, labels: torch.Tensor, source: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch's logits (B, T, V) against its labels (B, T) to the epoch's metrics; ``source`` (B,): the
+        index of each row's data source, measured apart too."""
         n_tokens = (labels != IGNORE_INDEX).sum()
         flat = labels.flatten()
         per_token = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="none")
         total = per_token.sum()  # ignored positions are 0
+        nbytes = None
         if self.token_bytes is not None:
             nbytes = self._token_bytes_on(flat.device)[flat.clamp(min=0)] * (flat != IGNORE_INDEX)  # (B*T,)
             self.val_text_nats.update((per_token * (nbytes > 0)).sum())
             self.val_text_bytes.update(nbytes.sum())
+        if source is not None:
+            self.val_by_source.update(source, per_token.view_as(labels), labels != IGNORE_INDEX, nbytes)
         # sum / count weighted by count is the loss per token whatever the batch split; clamp: a batch without
         # a labelled token (a truncated response) adds 0 with weight 0 instead of the NaN of an empty mean
         self.val_loss.update(total / n_tokens.clamp(min=1), weight=n_tokens)
@@ -284,6 +292,17 @@ class CausalLM(TransformerModule):
             text_bytes = float(self.val_text_bytes.compute())
             results["bpb"] = float(self.val_text_nats.compute()) / (math.log(2) * text_bytes) if text_bytes else None
             results["bytes"] = int(text_bytes)
+        by_source = self.val_by_source.compute()  # (S, 4): nats, tokens, text nats, text bytes
+        if len(by_source):
+            names = getattr(getattr(self._trainer, "datamodule", None), "val_sources", None) or []
+            results["sources"] = {
+                (names[s] if s < len(names) else str(s)): {
+                    "loss": float(nats / tokens) if tokens else None,
+                    "bpb": float(text_nats / (math.log(2) * nbytes)) if nbytes else None,
+                    "tokens": int(tokens),
+                }
+                for s, (nats, tokens, text_nats, nbytes) in enumerate(by_source.tolist())
+            }
         return results
 
     def on_validation_epoch_end(self) -> None:
@@ -292,8 +311,47 @@ class CausalLM(TransformerModule):
         if results.get("bpb") is not None:
             logged["val/bpb"] = results["bpb"]
         self.log_dict(logged, prog_bar=True, sync_dist=False)  # torchmetrics already reduced across ranks
-        for metric in (self.val_loss, self.val_acc, self.val_tokens, self.val_text_nats, self.val_text_bytes):
+        per_source = {
+            f"val/{key}/{name}": value
+            for name, r in results.get("sources", {}).items()
+            for key, value in (("loss", r["loss"]), ("bpb", r["bpb"]))
+            if value is not None
+        }
+        if per_source:
+            self.log_dict(per_source, sync_dist=False)
+        sums = (self.val_tokens, self.val_text_nats, self.val_text_bytes, self.val_by_source)
+        for metric in (self.val_loss, self.val_acc, *sums):
             metric.reset()
+
+
+class SourceSums(Metric):
+    """Per-source sums of a validation epoch (the sources of ``data=mixture``): a row per window of source index,
+    loss (nats), labelled tokens, nats and UTF-8 bytes of the text tokens; concatenated across ranks, added up by
+    source in :meth:`compute` as (S, 4) float64 (S: the highest source index seen, plus one)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self, source: torch.Tensor, nats: torch.Tensor, labelled: torch.Tensor, nbytes: torch.Tensor | None
+    ) -> None:
+        # source (B,), nats and labelled (B, T), nbytes (B*T,) or None
+        text = labelled if nbytes is None else (nbytes > 0).view_as(labelled)
+        row_bytes = torch.zeros_like(nats) if nbytes is None else nbytes.view_as(labelled).to(nats.dtype)
+        columns = (source.to(nats.dtype), nats.sum(1), labelled.sum(1), (nats * text).sum(1), row_bytes.sum(1))
+        self.rows.append(torch.stack([c.double() for c in columns], dim=1))  # (B, 5)
+
+    def compute(self) -> torch.Tensor:
+        # a list before a distributed sync, one (possibly empty) tensor after it
+        rows = dim_zero_cat(self.rows) if isinstance(self.rows, list) and self.rows else self.rows
+        if not isinstance(rows, torch.Tensor) or rows.numel() == 0:
+            return torch.zeros(0, 4, dtype=torch.float64)
+        index = rows[:, 0].long()
+        sums = torch.zeros(int(index.max()) + 1, 4, dtype=torch.float64, device=rows.device)
+        return sums.index_add_(0, index, rows[:, 1:]).cpu()
 
 
 class ClassifierHead(nn.Linear):
