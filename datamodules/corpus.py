@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from datamodules.cache import PIPELINE_VERSION, cache_key, lock, write_json
 from datamodules.cleaning import Cleaner, normalize_rules
+from datamodules.corpus_report import build_report
 from datamodules.encoding import encode_processes, encode_spool
 from datamodules.shards import ShardIndex, ShardWriter, TokenShards, shards_intact, token_dtype
 from datamodules.sources import DataError, SourceStats, find_files, read_documents, unread
@@ -231,7 +232,7 @@ def pack(
     spool.path.unlink()
     timings = {**cleaned.timings, "encode_and_pack": round(time.perf_counter() - t0, 3)}
 
-    report = _report(settings, cleaned.sets, is_val, cleaned.val_in_train, tok_info, dtype, index, n_proc, text_bytes)
+    report = build_report(settings, cleaned.sets, is_val, cleaned.val_in_train, tok_info, dtype, index, n_proc, text_bytes)
     report["cache"] = {"key": key, "hit": False}
     report["settings"] = {k: v for k, v in asdict(settings).items() if k not in ("cleaning", "where")}
     report["timings"] = timings
@@ -416,68 +417,6 @@ def _encode_to_shards(
 
         n_proc = encode_spool(spool, is_val, tok, tok_file, bos_id, eos_id, dtype, n_proc, write)
     return {split: w.close() for split, w in writers.items()}, n_proc, counts
-
-
-def _sources_report(s: _SourceSet) -> dict[str, Any]:
-    """What reading and cleaning one set of sources counted."""
-    clean = s.cleaner.report()
-    return {
-        "sources": {
-            "paths": list(s.paths),
-            "files": s.stats.files,
-            "bytes": s.stats.bytes,
-            "empty_files": s.stats.empty_files,
-            "skipped_files": len(s.stats.skipped_files),
-        },
-        "documents": clean["documents"],
-        "characters": clean["characters"],
-        "rules": clean["rules"],
-        "invalid_utf8_replacements": s.stats.invalid_utf8_replacements,
-        "skipped_files": s.stats.skipped_files[:100],
-    }
-
-
-def _report(
-    settings: CorpusSettings,
-    sets: list[_SourceSet],
-    is_val: np.ndarray,
-    val_in_train: int | None,
-    tok_info: dict[str, Any],
-    dtype: np.dtype,
-    index: dict[str, ShardIndex],
-    n_proc: int,
-    text_bytes: int,
-) -> dict[str, Any]:
-    """The report of a build (the caller adds the cache key, the settings and the timings). The top-level counts
-    are those of ``data.paths``; with ``data.val_paths``, ``"val"`` holds the same counts for those."""
-    has_val_paths = len(sets) > 1
-    report = _sources_report(sets[0])
-    if has_val_paths:
-        report["val"] = _sources_report(sets[1])
-    report.update(
-        {
-            "split": {
-                "train_documents": int((~is_val).sum()),
-                "val_documents": int(is_val.sum()),
-                "val_split": "data.val_paths"
-                if has_val_paths
-                else f"data.val_fraction={settings.val_fraction} (seed {settings.seed})",
-                "val_fraction": None if has_val_paths else settings.val_fraction,
-                "seed": settings.seed,
-                # val documents that are also train documents (exact, after cleaning): dedup is per split
-                "val_in_train": val_in_train,
-            },
-            "tokens": {split: sum(int(s["tokens"]) for s in shards) for split, shards in index.items()},
-            "tokenizer": tok_info,
-            "packing": {
-                "dtype": dtype.name,
-                "shards": {split: len(s) for split, s in index.items()},
-                "encode_processes": n_proc,
-                "text_bytes": text_bytes,
-            },
-        }
-    )
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------------
