@@ -70,6 +70,37 @@ def cache_key(files: Sequence[Path], settings: CorpusSettings, val_files: Sequen
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
+def meta_digest(meta: dict[str, Any]) -> str:
+    """BLAKE2b of a meta.json's content (without its own digest): an edited meta.json is not trusted."""
+    return hashlib.blake2b(json.dumps(meta, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def checksums(out_dir: Path, index: dict[str, Any], splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Every shard's BLAKE2b, with its size and mtime: load() re-hashes only a shard whose mtime changed."""
+    out = {}
+    for split in splits:
+        for s in index[split]:
+            st = (out_dir / s["file"]).stat()
+            out[s["file"]] = {"blake2b": hash_file(out_dir / s["file"]), "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def damaged(out_dir: Path, meta: dict[str, Any]) -> str | None:
+    """Why an entry's meta.json or shards are not what its build wrote (None: they are). Cheap on a cache hit: a
+    shard is hashed again only when its mtime differs from the one recorded (written in place, or copied without
+    its times); meta.json's own digest is checked every time. (Entries from before the checksums pass.)"""
+    if "meta_blake2b" not in meta:
+        return None
+    body = {k: v for k, v in meta.items() if k != "meta_blake2b"}
+    if meta_digest(body) != meta["meta_blake2b"]:
+        return "meta.json was edited (its digest does not match)"
+    for name, c in meta.get("checksums", {}).items():
+        path = out_dir / name
+        if path.stat().st_mtime_ns != c["mtime_ns"] and hash_file(path) != c["blake2b"]:
+            return f"shard {name} was changed in place (its BLAKE2b does not match)"
+    return None
+
+
 @contextlib.contextmanager
 def lock(path: Path) -> Iterator[None]:
     """An exclusive file lock, so that concurrent processes (DDP ranks) build a cache entry once."""

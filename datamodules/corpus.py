@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -39,7 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from datamodules.cache import PIPELINE_VERSION, cache_key, lock, write_json
+from datamodules.cache import PIPELINE_VERSION, cache_key, checksums, damaged, lock, meta_digest, write_json
 from datamodules.cleaning import Cleaner, normalize_rules
 from datamodules.corpus_report import build_report
 from datamodules.encoding import encode_processes, encode_spool
@@ -47,6 +48,8 @@ from datamodules.shards import ShardIndex, ShardWriter, TokenShards, shards_inta
 from datamodules.sources import DataError, SourceStats, find_files, read_documents, unread
 from datamodules.spool import Spool
 from datamodules.tokenizer import load_tokenizer, special_ids, train_tokenizer
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 TOKEN_COUNTS = "token_counts.npy"  # not part of meta.json: entries without it (built before) stay valid
@@ -244,7 +247,8 @@ def pack(
         "dtype": dtype.name,
         **{f"n_{s}": report["tokens"][s] for s in SPLITS},
     }
-    write_json(out_dir / "meta.json", {**meta, "shards": index, "complete": True})  # last: marks it usable
+    meta = {**meta, "shards": index, "checksums": checksums(out_dir, index, SPLITS), "complete": True}
+    write_json(out_dir / "meta.json", {**meta, "meta_blake2b": meta_digest(meta)})  # last: marks it usable
     return report
 
 
@@ -434,6 +438,10 @@ def load(out_dir: Path) -> PackedCorpus | None:
         dtype = np.dtype(meta["dtype"])
         index = meta["shards"]
         if not all(shards_intact(out_dir, index[split], dtype, meta[f"n_{split}"]) for split in SPLITS):
+            return None
+        why = damaged(out_dir, meta)
+        if why:
+            logger.warning("data cache %s: %s; rebuilding the entry", out_dir, why)
             return None
     except Exception:  # unreadable, truncated or from another version: rebuild
         return None
