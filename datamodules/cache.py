@@ -76,7 +76,7 @@ def meta_digest(meta: dict[str, Any]) -> str:
 
 
 def checksums(out_dir: Path, index: dict[str, Any], splits: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Every shard's BLAKE2b, with its size and mtime: load() re-hashes only a shard whose mtime changed."""
+    """Every shard's BLAKE2b and mtime: load() re-hashes only a shard whose mtime changed (its size: shards_intact)."""
     out = {}
     for split in splits:
         for s in index[split]:
