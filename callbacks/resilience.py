@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from llm.errors import LLMError
+from llm.runtime import launch
 from llm.training.parallelize import total_norm
 
 
@@ -53,9 +55,22 @@ class LastCheckpoint(L.Callback):
     finishes first. The handlers are installed in ``setup``, before the step-0 validation, and kept until the
     end of training: Lightning installs its own SIGTERM handler only while each ``validate``/``fit`` call runs
     (and resets its flag at each), so a SIGTERM between or during those calls would otherwise kill the run
-    unsaved or be forgotten. Lightning's handler still runs as well and is broadcast to every rank. Under SLURM
-    with auto-requeue Lightning handles SIGUSR1 itself (it saves ``hpc_ckpt_<n>.ckpt`` and requeues), and this
-    callback leaves that signal alone.
+    unsaved or be forgotten.
+
+    With several processes a signal may reach one rank only, or each rank at another step (SLURM signals its
+    tasks one by one), and a stop must still be one step for all, or the ranks wait for each other's
+    collectives for ever and the checkpoint mixes steps. So there a handler only notes the signal, and the
+    ranks agree (an all-reduce of one number: the signal, 0 for none) at every logging step
+    (``trainer.log_every_n_steps``, where logging reads values to the host anyway) and at the last step: no
+    host synchronisation of its own between them. Lightning's SIGTERM handler is set aside in those runs: it
+    runs a collective inside the handler (which pairs with another rank's next collective when only one rank
+    got the signal) and stops the rank that got it on its own.
+
+    Under SLURM, Lightning's auto-requeue (SIGUSR1: save ``hpc_ckpt_<n>.ckpt`` inside the handler, in the middle
+    of a step, and requeue while the job still runs) is turned off: the stop is this callback's, at a step
+    boundary, and ``scripts/train.sbatch`` requeues the job once every task has exited (``status.json`` says
+    ``stopped`` with ``"signal": "SIGUSR1"``); the requeued job keeps its id, so its run directory and
+    ``ckpt_path=last`` find this checkpoint.
     """
 
     def __init__(
@@ -63,40 +78,76 @@ class LastCheckpoint(L.Callback):
     ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
-        self.signals = signals
-        self.requested: str | None = None
+        self.signals = tuple(signals)
+        self.requested: str | None = None  # this process's own request (a signal, or a test's)
         self.stopped_by: str | None = None
         self._previous: dict[int, Any] = {}
         self._saved_step: int | None = None
+        self._agreed_step: int | None = None
         self._finished = False
         self._announced = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment):
+            environment.auto_requeue = False  # read by Lightning's signal connector after this hook (see above)
         if self._previous or self._finished or threading.current_thread() is not threading.main_thread():
             return  # installed already (step-0 validate, then fit); signals can only be set from the main thread
-        environment = trainer._accelerator_connector.cluster_environment
-        requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         for name in self.signals:
             signum = getattr(signal, name, None)
-            if signum is None or (requeue and name != "SIGTERM"):
-                continue  # not on this platform, or SLURM's requeue signal, which Lightning handles
-            self._previous[signum] = signal.signal(signum, self._handler)
+            if signum is not None:  # else not on this platform
+                self._previous[signum] = signal.signal(signum, self._handler)
+        noted = launch.take_noted_signal()
+        if noted in self.signals:  # it came while the data was read or the model was built
+            self.requested = self.requested or noted
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._set_aside_lightnings_sigterm(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._set_aside_lightnings_sigterm(trainer)
+
+    def _set_aside_lightnings_sigterm(self, trainer: L.Trainer) -> None:
+        """Several processes: SIGTERM goes to our handler only (Lightning's, installed once each call began, runs
+        a collective inside the handler). Lightning puts ours back at the end of the call (it found it there)."""
+        if trainer.world_size > 1 and signal.SIGTERM in self._previous and not self._finished:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or signal.Signals(signum).name  # the first one names the stop
         previous = self._previous.get(signum)
-        if callable(previous):  # chain a handler someone installed before us
+        if callable(previous) and previous is not launch.note_signal:  # chain a handler someone installed before us
             previous(signum, frame)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        reason = "SIGTERM" if trainer.received_sigterm else self.requested
+        reason = self._reason(trainer)
         if reason is not None and self.stopped_by is None:
             self.stopped_by = reason
             trainer.should_stop = True
         periodic = bool(self.every_n_steps) and step % self.every_n_steps == 0
-        if reason is not None or periodic or step >= trainer.max_steps > 0:
+        if self.stopped_by is not None or periodic or step >= trainer.max_steps > 0:
             self._save(trainer)
+
+    def _reason(self, trainer: L.Trainer) -> str | None:
+        """Why to stop after this step, the same on every rank: the signal (or request) that came first."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return "SIGTERM" if trainer.received_sigterm else self.requested
+        step = trainer.global_step
+        last = step >= trainer.max_steps > 0
+        if self._agreed_step == step or not (step % max(trainer.log_every_n_steps, 1) == 0 or last):
+            return None  # not an agreement step (or agreed already: the other micro-batches of this step)
+        self._agreed_step = step
+        # each rank's request as a number: 1 + its index in `signals` (or past them for a test's request), 0: none
+        names = [*self.signals, self.requested]
+        code = 0 if self.requested is None else names.index(self.requested) + 1
+        flag = torch.tensor([code], dtype=torch.int32, device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        agreed = int(flag.item())
+        if agreed == 0:
+            return None
+        return names[agreed - 1] if agreed <= len(self.signals) else (self.requested or "a request on another rank")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -115,6 +166,14 @@ class LastCheckpoint(L.Callback):
             # this step is whole (a run resumed from it skips the cut validation and trains on exactly)
             self.stopped_by = "SIGTERM"
             self._save(trainer)
+        elif trainer.world_size > 1 and _lost_a_peer(exception):
+            # another process of the run died: say so in one line before the traceback, naming what is kept
+            print(  # every rank that notices says it: the survivor may be any of them
+                f"error: rank {trainer.global_rank}: another process of this run is gone ({_first_line(exception)});"
+                f" stopping. The last good state is {self.dirpath / 'last.ckpt'} (resume with ckpt_path=last)",
+                file=sys.stderr,
+                flush=True,
+            )
         # Lightning skips the teardown hooks when a call fails, and right after this hook puts back the handlers it
         # found when the call began (ours): have it put back the ones from before us instead
         originals = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
@@ -136,6 +195,22 @@ class LastCheckpoint(L.Callback):
         if self.stopped_by is not None and not self._announced:
             self._announced = True
             rank_zero_info(f"{self.stopped_by}: saved {path} at step {trainer.global_step}; resume with ckpt_path=last")
+
+
+# what gloo (and NCCL) raise in a survivor when a peer process is gone: its socket closed, or the collective timed out
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout")
+
+
+def _lost_a_peer(exception: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", RuntimeError)
+    if not isinstance(exception, (dist_error, RuntimeError)):
+        return False
+    return any(marker in str(exception).lower() for marker in _PEER_LOST)
+
+
+def _first_line(exception: BaseException) -> str:
+    lines = [line.strip() for line in str(exception).splitlines() if line.strip()]
+    return f"{type(exception).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 class TrainingDiverged(LLMError):

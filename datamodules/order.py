@@ -15,6 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.dataset import WindowSampler
+from llm.errors import UserError
 from llm.runtime.topology import data_parallel_rank, process_rank
 
 
@@ -84,6 +85,8 @@ class ResumableOrder:
             # Lightning's counter includes batches before a resume, and restores the same count.
             batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             state["position"] = batches * self.batch_size * self.train_sampler.num_replicas
+        # samples per loader step over all ranks: what Lightning's batch counters count in (see adapt_checkpoint)
+        state["batch_samples"] = self.batch_size * self.train_sampler.num_replicas
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -93,3 +96,37 @@ class ResumableOrder:
             self.train_sampler.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
+
+    def adapt_checkpoint(self, checkpoint: dict[str, Any], path: Any = None) -> None:
+        """Lightning's counts of train batches in ``checkpoint`` (micro-batches: epoch position, accumulation
+        boundaries, validation interval) made this run's, when it reads another number of samples per batch
+        over all ranks (another world size or ``data.batch_size``): the position in samples is what is kept.
+
+        Called from the LightningModule's ``on_load_checkpoint``, before Lightning restores its loops.
+        """
+        state = checkpoint.get(type(self).__qualname__) or {}
+        progress = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if not progress:
+            return
+        saved = state.get("batch_samples")
+        processed = int(progress["current"]["processed"])
+        if saved is None and processed and int(state.get("position", 0)) % processed == 0:
+            saved = int(state["position"]) // processed  # a checkpoint from before batch_samples was recorded
+        _, world = self.rank_and_world()
+        now = int(self.batch_size) * world
+        if saved is None or int(saved) == now:
+            return
+        saved = int(saved)
+        samples = int(progress["current"]["processed"]) * saved
+        if samples % now:
+            raise UserError(
+                f"{path or 'checkpoint'}: saved {samples} samples into the epoch, which is not a whole number of"
+                f" this run's batches of {self.batch_size} x {world} data-parallel replicas = {now} samples"
+                " (choose data.batch_size so that it is, or resume with the world size that saved it)"
+            )
+        for part in ("current", "total"):
+            counts = progress[part]
+            processed = int(counts["processed"])
+            scaled = processed * saved // now  # exact for `current`; `total` spans epochs and only its offsets matter
+            for key, value in counts.items():
+                counts[key] = scaled - (processed - int(value))  # a batch in flight at the save stays in flight

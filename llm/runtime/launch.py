@@ -45,12 +45,48 @@ def hydra_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
 
 
 def install() -> None:
-    """Make Lightning's subprocess launcher use ``hydra_subprocess_cmd`` (idempotent)."""
+    """Make Lightning's subprocess launcher use ``hydra_subprocess_cmd`` (idempotent), and note an early SIGUSR1."""
     from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
     from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
 
     for module in (fabric_launcher, trainer_launcher):  # the Trainer's launcher imports the function by name
         module._hydra_subprocess_cmd = hydra_subprocess_cmd
+    note_early_signals()
+
+
+_noted: list[str] = []  # signals that came before the training's own handlers (callbacks.resilience) were installed
+
+
+def note_early_signals() -> None:
+    """Until the trainer's handlers take over, a SIGUSR1 is noted instead of ending the process.
+
+    SIGUSR1 is SLURM's pre-emption warning, sent to every task at a moment of SLURM's choosing; its default
+    action ends the process, so one arriving while a task still reads its data or builds the model (or a
+    requeued job resumes) would end the job unsaved and unrequeued. Noted, it stops the run at its first step,
+    with a checkpoint (``LastCheckpoint`` takes it with ``take_noted_signal``). SIGTERM keeps its default: before training
+    there is nothing to save, and a scheduler that sends it wants the job gone.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        return
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGUSR1, note_signal)
+
+
+def note_signal(signum: int, frame: object) -> None:
+    """The early handler: remembers the signal for the training to act on."""
+    import signal
+
+    _noted.append(signal.Signals(signum).name)
+
+
+def take_noted_signal() -> str | None:
+    """The first signal noted by ``note_signal`` since the last call, if any (a sweep's next job starts clean)."""
+    first = _noted[0] if _noted else None
+    _noted.clear()
+    return first
 
 
 def run_stamp() -> str:

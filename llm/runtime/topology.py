@@ -94,13 +94,49 @@ class Topology:
         num_nodes = int(trainer.get("num_nodes", 1) or 1)
         if num_nodes < 1:
             raise UserError(f"trainer.num_nodes={num_nodes} must be >= 1")
-        return cls(
+        topology = cls(
             accelerator=accelerator,
             devices=_count_devices(trainer.get("devices", 1), accelerator),
             num_nodes=num_nodes,
             tensor_parallel=max(1, tp),
             sharded="fsdp" in flat or "modelparallel" in flat,
             activation_checkpointing=checkpointing,
+        )
+        check_slurm_tasks(topology)
+        return topology
+
+
+def check_slurm_tasks(topology: Topology, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse, before anything is read or built, a SLURM job whose tasks are not the processes the trainer expects.
+
+    Lightning takes SLURM's tasks as its processes (one per device): with ``--ntasks-per-node`` other than
+    ``trainer.devices`` (or ``--nodes`` other than ``trainer.num_nodes``) it fails after the data is read, in a
+    traceback; with ``python train.py`` run in the batch script itself, not under ``srun``, rank 0 waits for
+    ranks that never start. Jobs named ``bash``/``interactive`` are Lightning's opt-out of SLURM (processes
+    started by hand inside an allocation) and are not checked.
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return
+    ntasks = int(env["SLURM_NTASKS"])
+    if ntasks > 1 and "SLURM_STEP_ID" not in env:
+        raise UserError(
+            f"this SLURM job has {ntasks} tasks but train.py runs in the batch script itself: start it with"
+            " `srun python train.py ...` (scripts/train.sbatch does)"
+        )
+    per_node = env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_STEP_TASKS_PER_NODE"))
+    if per_node is not None and per_node.isdigit() and int(per_node) != topology.devices:
+        raise UserError(
+            f"SLURM starts {per_node} tasks per node (--ntasks-per-node={per_node}) but trainer.devices="
+            f"{topology.devices}: they must be equal (one task per device)"
+        )
+    nodes = env.get("SLURM_NNODES")
+    if nodes is not None and nodes.isdigit() and int(nodes) != topology.num_nodes:
+        raise UserError(
+            f"SLURM runs this job on {nodes} nodes (--nodes={nodes}) but trainer.num_nodes={topology.num_nodes}:"
+            " they must be equal"
         )
 
 
@@ -127,5 +163,6 @@ def is_first_process() -> bool:
     """Whether this is rank 0 of the run, from the launchers' environment (usable before a process group exists)."""
     import os
 
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    # torchrun and Lightning's launcher set RANK/LOCAL_RANK; srun sets only SLURM_PROCID (the global rank)
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))
     return rank == "0" and os.environ.get("NODE_RANK", "0") == "0"

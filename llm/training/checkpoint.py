@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -256,11 +258,18 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
-    """``last`` means <run_dir>/checkpoints/last.ckpt; when there is none yet the run starts fresh."""
+    """``last`` means <run_dir>/checkpoints/last.ckpt; when there is none yet the run starts fresh.
+
+    A kill between the two renames of ``swap_in`` leaves the previous checkpoint as ``last.ckpt.old`` alone: it is
+    the last good one, and resumed from."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last":
         last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        old = _old(last)
+        if not last.exists() and (old.is_file() or is_sharded(old)):
+            print(f"ckpt_path=last: {last} was being replaced when the run ended; resuming from {old}")
+            return str(old)
         if not last.exists():
             print(f"ckpt_path=last: no checkpoint at {last} yet, starting fresh")
             return None
@@ -268,6 +277,36 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     if not (Path(ckpt_path).is_file() or is_sharded(ckpt_path)):
         raise UserError(f"ckpt_path: no checkpoint file at {ckpt_path}")
     return ckpt_path
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def swap_in(new: str | Path, path: str | Path) -> None:
+    """Put ``new`` (a file or a sharded directory, complete) in place of ``path``, whatever ``path`` is now.
+
+    A file over a file is one ``os.replace``. Otherwise (a directory over anything, a file over the directory of an
+    earlier FSDP run) ``path`` first becomes ``<path>.old``, removed once ``new`` is in place; a kill between the
+    two renames leaves ``<path>.old`` alone, which ``resolve_ckpt_path`` resumes from. A ``<path>.old`` found with
+    no ``path`` is that last good checkpoint, so it is kept until ``new`` is in place."""
+    new, path = Path(new), Path(path)
+    old = _old(path)
+    if new.is_file() and not path.is_dir():
+        os.replace(new, path)
+    else:
+        if path.exists():
+            _remove(old)
+            path.rename(old)
+        new.rename(path)
+    _remove(old)  # the one just moved aside, or one left by a kill: ``path`` is the newer now
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def check_resume(
@@ -310,21 +349,10 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 def consolidate(ckpt_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     """The sharded checkpoint at ``ckpt_dir`` as one in-memory checkpoint (written to ``out`` if given).
 
-    The result has the layout of a single-device checkpoint, without the optimizer and loop state (those are
-    sharded by the world size that wrote them), so ``init_from=``, ``llm.convert`` and ``llm.generate`` accept it.
-    It runs in one process without a process group.
+    The result has the layout of a single-device checkpoint, weights only (no optimizer and loop state), so
+    ``init_from=``, ``llm.convert`` and ``llm.generate`` accept it. It runs in one process without a process group.
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    ckpt_dir = Path(ckpt_dir)
-    if not is_sharded(ckpt_dir):
-        raise UserError(f"{ckpt_dir}: not a sharded checkpoint directory (no meta.pt and .metadata)")
-    safe_load.check_sharded(ckpt_dir)  # before dcp_to_torch_save, which unpickles .metadata unrestricted
-    meta = safe_load.torch_load(ckpt_dir / "meta.pt")
-    with tempfile.TemporaryDirectory() as tmp:
-        flat = Path(tmp) / "full.pt"
-        dcp_to_torch_save(ckpt_dir, flat)
-        full = safe_load.torch_load(flat)
+    meta, full = _read_sharded(Path(ckpt_dir))
     ckpt = {k: v for k, v in meta.items() if k not in ("loops", "optimizer_states", "lr_schedulers")}
     ckpt["state_dict"] = full["state_dict"]
     if out is not None:
@@ -333,3 +361,67 @@ def consolidate(ckpt_dir: str | Path, out: str | Path | None = None) -> dict[str
         torch.save(ckpt, tmp_out)
         tmp_out.replace(out)
     return ckpt
+
+
+def load_whole(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The sharded checkpoint at ``ckpt_dir`` as the checkpoint a single-device or DDP run writes: full weights,
+    the optimizer states (each keyed by parameter index, as ``Optimizer.state_dict`` keys them), schedules, loops
+    and data position. So a run saved under FSDP with N processes resumes without FSDP, on any number of them.
+
+    Every process that reads it holds the whole state in host memory (as it does with a DDP checkpoint).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta, full = _read_sharded(ckpt_dir)
+    ckpt = dict(meta)
+    ckpt["state_dict"] = full.pop("state_dict")
+    ckpt["optimizer_states"] = []
+    for i in range(len([k for k in full if k.startswith("optimizer_")])):
+        if f"optimizer_{i}" not in full:
+            raise UserError(f"{ckpt_dir}: optimizer_{i} is missing from the shards")
+        ckpt["optimizer_states"].append(_by_index(full[f"optimizer_{i}"], ckpt_dir))
+    return ckpt
+
+
+def _read_sharded(ckpt_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``meta.pt``, the shards gathered into whole tensors: ``{"state_dict": ..., "optimizer_<i>": ...}``), read
+    in this one process (DCP's no-process-group load), data only."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not is_sharded(ckpt_dir):
+        raise UserError(f"{ckpt_dir}: not a sharded checkpoint directory (no meta.pt and .metadata)")
+    safe_load.check_sharded(ckpt_dir)  # before dcp_to_torch_save, which unpickles .metadata unrestricted
+    meta = safe_load.torch_load(ckpt_dir / "meta.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "full.pt"
+        dcp_to_torch_save(ckpt_dir, flat)
+        full = safe_load.torch_load(flat)  # read back restricted: what came out of the shards is data only
+    return meta, full
+
+
+def _by_index(optim: Mapping[str, Any], ckpt_dir: Path) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's ``get_optimizer_state_dict``)
+    keyed by index instead: ``Optimizer.state_dict`` numbers the parameters group after group, in the order the
+    groups list them, which is the order the names are listed in here."""
+    groups = optim.get("param_groups") or []
+    names = [name for group in groups for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(optim.get("state") or {}) - set(index))
+    if unknown:
+        raise UserError(f"{ckpt_dir}: optimizer state for {unknown[0]}, which no parameter group lists")
+    return {
+        "state": {index[name]: value for name, value in (optim.get("state") or {}).items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in groups],
+    }
+
+
+def by_name(optim: Mapping[str, Any], names: list[str], path: str | Path) -> dict[str, Any]:
+    """An optimizer state keyed by index (``Optimizer.state_dict``) keyed by the names of ``names``: the parameters
+    in the order the optimizer numbers them (group after group)."""
+    groups = optim.get("param_groups") or []
+    count = sum(len(group["params"]) for group in groups)
+    if count != len(names):
+        raise UserError(f"{path}: its optimizer state has {count} parameters, this model {len(names)}")
+    return {
+        "state": {names[int(i)]: value for i, value in (optim.get("state") or {}).items()},
+        "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]} for group in groups],
+    }

@@ -20,6 +20,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from llm.errors import LLMError
 from llm.training import safe_load
+from llm.training.checkpoint import is_sharded, load_whole, swap_in
 
 
 class CheckpointWriteError(LLMError):
@@ -27,7 +28,7 @@ class CheckpointWriteError(LLMError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``<name>.tmp-<pid>`` in the target directory, fsync, then ``os.replace``.
+    """``torch.save`` into ``<name>.tmp-<pid>`` in the target directory, fsync, then rename (``swap_in``).
 
     A kill at any moment leaves either the previous ``last.ckpt`` or the new one, never a truncated file
     under the real name, and a full disk is reported in one line with the old checkpoint still in place.
@@ -44,7 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            swap_in(tmp, path)  # over an earlier FSDP run's sharded directory of that name too
         except BaseException as err:
             _unlink_quietly(tmp)
             cause = _os_error(err) if isinstance(err, Exception) else None  # not a KeyboardInterrupt's context
@@ -58,6 +59,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's restore (``ckpt_path=``, validation of the best checkpoint) reads data only, like every other
         path here (llm/training/safe_load.py); ``allow_unsafe_checkpoint`` decides, not Lightning's default."""
+        if is_sharded(path):  # saved under FSDP, resumed by one process or DDP: gathered whole (load_whole)
+            return load_whole(path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         return safe_load.torch_load(path)

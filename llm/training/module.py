@@ -135,6 +135,10 @@ class TransformerModule(L.LightningModule):
         self.chat_format = checkpoint.get("chat_format", self.chat_format)
         self.chat_template = checkpoint.get("chat_template", self.chat_template)
         self.checkpoint_extras.update({k: checkpoint[k] for k in CHECKPOINT_EXTRAS if k in checkpoint})
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if callable(getattr(datamodule, "adapt_checkpoint", None)):
+            # saved with another world size or batch size: Lightning's batch counters made this run's (order.py)
+            datamodule.adapt_checkpoint(checkpoint, getattr(self._trainer, "ckpt_path", None))
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:

@@ -197,8 +197,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Write into ``<path>.tmp`` (every rank its shards), then swap it in place on rank 0.
 
-        A crash during the write leaves the previous checkpoint whole; the swap is two renames.
+        A crash during the write leaves the previous checkpoint whole; the swap is two renames (``swap_in``).
         """
+        from llm.training.checkpoint import swap_in
+
         path = Path(self.broadcast(str(filepath)))
         tmp = path.with_name(path.name + ".tmp")
         if self.global_rank == 0 and tmp.exists():
@@ -207,12 +209,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier()
         if self.global_rank == 0:
-            old = path.with_name(path.name + ".old")
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            swap_in(tmp, path)
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -225,6 +222,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if is_sharded(path):  # before DCP, which unpickles .metadata and non-tensor entries unrestricted
             safe_load.check_sharded(path)
+        if not is_sharded(path) and path.is_file():  # saved by a single-device or DDP run
+            return self._load_whole_file(path)
         if getattr(module, "adapter", None) is None or not is_sharded(path):
             return super().load_checkpoint(checkpoint_path, weights_only)
         from torch.distributed.checkpoint import load
@@ -247,6 +246,37 @@ class FSDP2Strategy(ModelParallelStrategy):
                 options=StateDictOptions(cpu_offload=True),
             )  # fmt: skip
         return safe_load.torch_load(path / "meta.pt")
+
+    def _load_whole_file(self, path: Path) -> dict[str, Any]:
+        """A single-device or DDP checkpoint into this run's shards: the weights, and each optimizer's state.
+
+        Lightning's own reading of such a file renumbers the optimizer state by the module's parameter order,
+        but an optimizer numbers its parameters group after group (matrices, then the rest: optim.param_groups),
+        so each moment went to another parameter (or failed on a shape). Here the numbers are matched to the names
+        in this run's optimizer order, the order the saving run's optimizer had (the same configure_optimizers).
+        """
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from llm.training.checkpoint import by_name
+
+        ckpt = safe_load.torch_load(path, mmap=True)
+        _load_raw_module_state(ckpt.pop("state_dict"), self.model, strict=self.lightning_module.strict_loading)
+        saved = ckpt.get("optimizer_states") or []
+        if saved and len(saved) != len(self.optimizers):
+            raise UserError(f"{path}: holds {len(saved)} optimizer states, this run has {len(self.optimizers)}")
+        for optimizer, state in zip(self.optimizers, saved):
+            groups = get_optimizer_state_dict(self.model, optimizer)["param_groups"]
+            names = [name for group in groups for name in group["params"]]
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=by_name(state, names, path),
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            )  # fmt: skip
+        return ckpt
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:

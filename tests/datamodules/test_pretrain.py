@@ -287,7 +287,7 @@ def test_lightning_resume_mid_epoch(small_src, tmp_path, recwarn):
     ref = _fit(small_dm(small_src, tmp_path / "cache"), tmp_path / "a", max_steps=10)
     assert len(ref.seen) == 10
     saved = torch.load(tmp_path / "a" / "step=4.ckpt", weights_only=False)
-    assert saved["PretrainDataModule"] == {"seed": 1234, "epoch": 0, "position": 16}
+    assert saved["PretrainDataModule"] == {"seed": 1234, "epoch": 0, "position": 16, "batch_samples": 4}
     resumed = _fit(small_dm(small_src, tmp_path / "cache"), tmp_path / "b", 10, str(tmp_path / "a" / "step=4.ckpt"))
     assert resumed.seen == ref.seen[4:]
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
