@@ -77,21 +77,28 @@ def run(cfg: DictConfig) -> Outcome:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=spec.ckpt_path, **safe_load.lightning_kwargs())
     except SIGTERMException:  # Lightning cuts a validation short on SIGTERM; LastCheckpoint saved what there was
-        return Outcome(float("nan"), "stopped", {"val_loss": float("nan"), "signal": "SIGTERM"})
+        return Outcome(float("nan"), "stopped", {"val_loss": float("nan"), "signal": "SIGTERM", **_noted(trainer)})
     if stopped_by := next((cb.stopped_by for cb in trainer.callbacks if getattr(cb, "stopped_by", None)), None):
         # saved, and no final validation to wait for; the signal tells scripts/train.sbatch whether to requeue
-        return Outcome(float("nan"), "stopped", {"val_loss": float("nan"), "signal": stopped_by})
+        return Outcome(float("nan"), "stopped", {"val_loss": float("nan"), "signal": stopped_by, **_noted(trainer)})
 
     if trainer.limit_val_batches == 0:  # validation off: there is no val/loss, the last training loss stands in
         train_loss = float(trainer.callback_metrics["train/loss"])
-        return Outcome(train_loss, fields={"validation": "off", "train_loss": train_loss})
+        return Outcome(train_loss, fields={"validation": "off", "train_loss": train_loss, **_noted(trainer)})
+    noted = _noted(trainer)  # before the final validation, which loads the best checkpoint's callback states
     final = trainer.validate(
         module, datamodule=datamodule, ckpt_path=best_checkpoint(trainer), **safe_load.lightning_kwargs()
     )[0]
-    fields = {"val_loss": float(final["val/loss"])}
+    fields = {"val_loss": float(final["val/loss"]), **noted}
     if "val/bpb" in final:
         fields["val_bpb"] = float(final["val/bpb"])
     return Outcome(fields["val_loss"], fields=fields)
+
+
+def _noted(trainer: L.Trainer) -> dict[str, Any]:
+    """What callbacks record for status.json (SpikeGuard: the spikes skipped and the rollbacks, with the data
+    positions they skipped)."""
+    return {k: v for cb in trainer.callbacks if hasattr(cb, "status_fields") for k, v in cb.status_fields().items()}
 
 
 def _planned_memory_gb(spec: RunSpec, module: Any) -> float | None:

@@ -187,6 +187,11 @@ class LastCheckpoint(L.Callback):
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def rewound(self, step: int) -> None:
+        """The run went back to ``step`` and saved that state as last.ckpt (SpikeGuard's rollback): the steps
+        after it are trained again, and saved again, though this callback saved those step numbers before."""
+        self._saved_step = step
+
     def _save(self, trainer: L.Trainer) -> None:
         path = self.dirpath / "last.ckpt"
         if self._saved_step != trainer.global_step:  # else this step's state is there already

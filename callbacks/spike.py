@@ -229,6 +229,11 @@ class SpikeGuard(L.Callback):
             f" ({path}) and skipped the {record['skipped_batches']} batches read since{where}"
         )
         trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)  # the new branch, and this record
+        for callback in trainer.callbacks:  # the steps after `to` come again: they must be saved again
+            if hasattr(callback, "rewound"):
+                callback.rewound(to)
+            elif isinstance(callback, ModelCheckpoint):  # it skips a step it saved once (a private counter)
+                callback._last_global_step_saved = min(callback._last_global_step_saved, to)
 
     def _target(self, first: int) -> Path | None:
         """The newest checkpoint written with no spike under way, before step ``first`` (first process only)."""

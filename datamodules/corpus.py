@@ -126,7 +126,7 @@ def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCor
     if corpus is None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         with lock(cache_dir / ".lock"):  # one lock file for the directory, not one left behind per key
-            corpus = load(out_dir)  # another process may have built it while we waited
+            corpus = load(out_dir, warn=False)  # another process may have built it while we waited
             if corpus is None:
                 for stale in cache_dir.glob(f"{key}.tmp-*"):  # left by a killed build: we hold the lock
                     shutil.rmtree(stale, ignore_errors=True)
@@ -427,8 +427,11 @@ def _encode_to_shards(
 # Loading, locking, progress
 
 
-def load(out_dir: Path) -> PackedCorpus | None:
-    """The cached corpus in ``out_dir``, or None if it is missing, incomplete or damaged."""
+def load(out_dir: Path, warn: bool = True) -> PackedCorpus | None:
+    """The cached corpus in ``out_dir``, or None if it is missing, incomplete or damaged (then, with ``warn``, one
+    warning says why: prepare_corpus looks twice, the second time under the lock, and says it once)."""
+    if not (out_dir / "meta.json").is_file():
+        return None  # not built yet (or a build was killed before its rename): a plain miss
     try:
         meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
         if not meta.get("complete") or meta.get("version") != PIPELINE_VERSION:
@@ -437,13 +440,13 @@ def load(out_dir: Path) -> PackedCorpus | None:
         tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
         dtype = np.dtype(meta["dtype"])
         index = meta["shards"]
-        if not all(shards_intact(out_dir, index[split], dtype, meta[f"n_{split}"]) for split in SPLITS):
-            return None
-        why = damaged(out_dir, meta)
-        if why:
+        intact = all(shards_intact(out_dir, index[split], dtype, meta[f"n_{split}"]) for split in SPLITS)
+        why = damaged(out_dir, meta) if intact else "a shard is missing or truncated"
+    except Exception as err:  # unreadable, truncated or edited by hand: rebuild
+        why = f"it cannot be read ({type(err).__name__}: {err})"
+    if why:
+        if warn:
             logger.warning("data cache %s: %s; rebuilding the entry", out_dir, why)
-            return None
-    except Exception:  # unreadable, truncated or from another version: rebuild
         return None
     counts = _token_counts(out_dir, tok, meta)
     return PackedCorpus(out_dir, tok, dtype, meta["n_train"], meta["n_val"], report, index, counts)

@@ -7,11 +7,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import Dataset
 
 import train
+from callbacks.resilience import LastCheckpoint
 from callbacks.spike import ROLLBACK_NAME, SpikeGuard, SpikesPersist
 from datamodules.dataset import WindowSampler
 from datamodules.pretrain import PretrainDataModule
@@ -75,6 +77,50 @@ def test_spikes_in_a_row_without_a_checkpoint_stop_with_one_line(tmp_path):
         SpikesPersist, match="3 steps in a row from step 7 skipped, and no checkpoint in .* from before"
     ):
         fit(tmp_path, SpikeAt({6, 7, 8, 9}), 12, guard)
+
+
+class SpikeAtCall(SpikeAt):
+    """Spikes at the given training batches, counted in calls: a rollback does not bring them back."""
+
+    def __init__(self, spikes: set[int]) -> None:
+        super().__init__(spikes)
+        self.calls = 0
+
+    def training_step(self, batch, batch_idx):
+        out = BoringModel.training_step(self, batch, batch_idx)
+        if self.calls in self.spikes:
+            out["loss"] = out["loss"] * 1000.0
+        self.calls += 1
+        return out
+
+
+class SavedSteps(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_steps_trained_again_after_a_rollback_are_saved_again(tmp_path):
+    # last.ckpt and step=<n>.ckpt every 3 steps; batches 5-7 spike, so the third (step 8) rolls back to step 3,
+    # past the saves at step 6 made during the spikes: the new branch's step 6 must be saved again, by both
+    guard = SpikeGuard(dirpath=str(tmp_path), sigmas=6, window=4, max_in_a_row=3)
+    saved = SavedSteps()
+    every3 = ModelCheckpoint(dirpath=tmp_path / "every", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=9, limit_val_batches=0,
+        callbacks=[guard, LastCheckpoint(dirpath=str(tmp_path), every_n_steps=3), every3, saved], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(SpikeAtCall({5, 6, 7}))
+    assert [r["to_step"] for r in guard.rollbacks] == [3] and guard.rollbacks[0]["at_step"] == 8
+    assert saved.steps == [3, 3, 6, 6, 3, 6, 6, 9, 9]  # the rollback's save (3), then step 6 again, by both
+    again = torch.load(tmp_path / "every" / "step=6.ckpt", map_location="cpu", weights_only=False)
+    assert len(again["callbacks"]["SpikeGuard"]["rollbacks"]) == 1  # written after the rollback
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 9 and len(last["callbacks"]["SpikeGuard"]["rollbacks"]) == 1
+    assert guard.status_fields() == {"spike_skips": 3, "spike_rollbacks": guard.rollbacks}
 
 
 # ------------------------------------------------------------------------------------- a poisoned corpus, whole
@@ -176,8 +222,9 @@ def runs(tmp_path_factory, data_cache):
         "data._target_=tests.callbacks.test_spike.PoisonedPretrain",
         "+callbacks.probe._target_=tests.callbacks.test_spike.RollbackProbe",
     ]
-    poisoned = train.train(compose_config(poisoned_cfg, run_dir=root / "poisoned", cache_dir=data_cache))
-    return {"clean": clean, "poisoned": poisoned, "root": root, "probed": list(PROBED)}
+    poisoned = train.run(compose_config(poisoned_cfg, run_dir=root / "poisoned", cache_dir=data_cache))
+    return {"clean": clean, "poisoned": poisoned.value, "fields": poisoned.fields, "root": root,
+            "probed": list(PROBED)}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -198,6 +245,8 @@ def test_poisoned_batches_roll_back_and_are_skipped(runs):
     assert ckpt["global_step"] == STEPS
     assert ckpt["PoisonedPretrain"]["position"] == (STEPS + 5) * 4  # the DataModule, by its class name
     assert max(scalars(run, "train/spike_skips").values()) == 4
+    # and status.json says so (train.main writes these fields)
+    assert runs["fields"]["spike_skips"] == 4 and runs["fields"]["spike_rollbacks"] == [record]
 
 
 @pytest.mark.slow

@@ -418,10 +418,17 @@ def test_shard_changed_in_place_or_edited_meta_is_rebuilt(tmp_path, paragraphs, 
         again = prepare_corpus(settings(src), tmp_path / "cache")
     assert again.report["cache"]["hit"] is False and np.array_equal(np.asarray(again.tokens("train")), reference)
     assert "train-00000.bin was changed in place" in caplog.text
+    assert caplog.text.count("rebuilding the entry") == 1  # looked at twice (before and under the lock), said once
+    caplog.clear()
+    with (again.dir / "val-00000.bin").open("r+b") as f:
+        f.truncate(1)
+    with caplog.at_level("WARNING", logger="datamodules.corpus"):
+        assert prepare_corpus(settings(src), tmp_path / "cache").report["cache"]["hit"] is False
+    assert caplog.text.count("a shard is missing or truncated; rebuilding the entry") == 1
     caplog.clear()
     meta = again.dir / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "key": "edited"}))
     with caplog.at_level("WARNING", logger="datamodules.corpus"):
         third = prepare_corpus(settings(src), tmp_path / "cache")
-    assert third.report["cache"]["hit"] is False and "meta.json was edited" in caplog.text
+    assert third.report["cache"]["hit"] is False and caplog.text.count("meta.json was edited") == 1
     assert prepare_corpus(settings(src), tmp_path / "cache").report["cache"]["hit"] is True
