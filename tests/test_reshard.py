@@ -3,7 +3,7 @@
 Each resumed run starts from a checkpoint written in the middle of an uninterrupted run (its periodic
 ``step4.ckpt``: a sharded directory under FSDP, one file otherwise) and must continue that run's curve: weights,
 AdamW moments, schedule, loop counters and the data position all carry over, with the global batch unchanged
-(8 windows per step: 2 x 4 or 1 x 8). val/loss, measured after every step on the same windows whatever the world
+(8 windows per step: 2 x 4, or 1 x 8 in one process or in one tensor-parallel group of 2). val/loss, measured after every step on the same windows whatever the world
 size, is the curve compared; float32 on CPU, so the only differences are the order of float32 sums.
 """
 
@@ -23,6 +23,7 @@ EVERY_STEP = ["trainer.max_steps=8", "trainer.val_check_interval=1", "checkpoint
 FSDP = ["trainer=fsdp", "trainer.devices=2", "data.batch_size=4"]
 DDP = ["trainer=ddp", "trainer.devices=2", "data.batch_size=4"]
 ONE = ["data.batch_size=8"]
+TP = ["trainer=fsdp", "trainer.devices=2", "trainer.strategy.tensor_parallel_size=2", "data.batch_size=8"]
 # 2 x 4 windows against 1 x 8: all-reduce and sharded reductions add in another order (~1e-7 per step); the
 # AdamW moments lost or reset would change the next step's loss by ~1e-2
 TOL = 1e-5
@@ -30,9 +31,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_cache) -> dict[str, Path]:
-    """The runs never stopped: under FSDP with 2 processes, and in one process; each keeps its step-4 checkpoint."""
+    """The runs never stopped: under FSDP with 2 processes, with tensor parallelism over 2, and in one process;
+    each keeps its step-4 checkpoint."""
     runs = {}
-    for name, layout in (("fsdp", FSDP), ("one", ONE)):
+    for name, layout in (("fsdp", FSDP), ("tp", TP), ("one", ONE)):
         runs[name] = tmp_path_factory.mktemp(f"straight-{name}")
         run(runs[name], data_cache, *layout, *EVERY_STEP)
     return runs
@@ -65,6 +67,8 @@ CASES = {
     "fsdp2->ddp2": ("fsdp", DDP),
     "one->fsdp2": ("one", FSDP),
     "one->ddp2": ("one", DDP),
+    "tp2->one": ("tp", ONE),  # the tensor-parallel size changes: 2 -> 1
+    "fsdp2->tp2": ("fsdp", TP),  # 1 -> 2 (and the data-parallel size 2 -> 1)
 }
 
 
@@ -107,3 +111,17 @@ def test_a_batch_that_does_not_divide_the_position_is_refused_in_one_line(uninte
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "32 samples into the epoch" in errors[0] and "3 x 1" in errors[0]
+
+
+def test_asynchronous_sharded_checkpoints_change_nothing_and_resume(uninterrupted, tmp_path, data_cache):
+    # checkpoint.async_save under FSDP: DCP's async_save, in a thread; the run is the synchronous one, bitwise,
+    # every save landed whole (no temporary directory left), and its step-4 checkpoint resumes in one process
+    straight = tmp_path / "async"
+    run(straight, data_cache, *FSDP, *EVERY_STEP, "checkpoint.async_save=true")
+    assert max_weight_difference(uninterrupted["fsdp"], straight) == 0.0
+    assert losses(straight, "val/loss") == losses(uninterrupted["fsdp"], "val/loss")
+    ckpts = straight / "checkpoints"
+    assert [p.name for p in ckpts.iterdir() if ".tmp" in p.name or p.name.endswith(".old")] == []
+    assert (ckpts / "step4.ckpt" / ".metadata").is_file() and (ckpts / "step4.ckpt" / "meta.pt").is_file()
+    resumed = resume(tmp_path, data_cache, straight, *ONE)
+    assert max_curve_difference(uninterrupted["fsdp"], resumed) < TOL

@@ -336,14 +336,18 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 
     After a hard kill the best path restored from last.ckpt can name a file that a later, better checkpoint
     already replaced (the kill fell between the two writes), so a path that no longer exists is not returned.
+    The first process decides for all: with asynchronous sharded saves it is the one that puts the directory in
+    place, and the others would ask before it has (then some would load a checkpoint and some not, and hang).
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    best = None
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss" and cb.best_model_path:
             if Path(cb.best_model_path).exists():
-                return cb.best_model_path
-    return None
+                best = cb.best_model_path
+                break
+    return trainer.strategy.broadcast(best)
 
 
 def consolidate(ckpt_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -66,7 +67,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load.torch_load(path)
 
     def remove_checkpoint(self, path: Any) -> None:
-        Path(path).unlink(missing_ok=True)
+        path = Path(path)
+        if path.is_dir():  # a sharded checkpoint (FSDP)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class AsyncCheckpointIO(AtomicCheckpointIO):
@@ -102,6 +107,28 @@ class AsyncCheckpointIO(AtomicCheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         self._submit(AtomicCheckpointIO.remove_checkpoint, self, path)  # after the writes queued before it
+
+    def save_sharded(self, checkpoint: dict[str, Any], path: Path, tmp: Path, rank: int, group: Any) -> None:
+        """An FSDP checkpoint (a directory of shards, as FSDP2Strategy writes it) with torch.distributed.checkpoint's
+        ``async_save``: each rank's shards are copied to host memory here, DCP writes them into ``tmp`` in a thread,
+        and once every rank's are on disk (DCP's own completion: rank 0 writes ``.metadata`` after all others)
+        rank 0 adds ``meta.pt`` (the loops, schedules, callbacks) and swaps ``tmp`` in for ``path`` (``swap_in``).
+
+        Collective: every rank calls it for the same save, with the same ``tmp``. ``group`` is a gloo group of
+        its own: DCP's collectives run in its thread, beside the training's on the default group and beside the
+        previous save's, if that one is still in flight (at most ``max_pending`` are; two groups). A kill before
+        the swap leaves the previous checkpoint; a failed write is reported as for a file (the next save, or
+        teardown), on every rank.
+        """
+        from torch.distributed.checkpoint import async_save
+
+        self._raise_failed()
+        self._wait(keep=self.max_pending - 1)
+        shards = {"state_dict": checkpoint.pop("state_dict")}  # Lightning's layout (ModelParallelStrategy)
+        shards.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
+        meta = apply_to_collection(checkpoint, torch.Tensor, _to_host) if rank == 0 else None
+        written = async_save(shards, checkpoint_id=tmp, process_group=group)  # returns once staged on the host
+        self._submit(_finish_sharded, written, meta, tmp, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         self.wait()
@@ -149,6 +176,22 @@ class AsyncCheckpointIO(AtomicCheckpointIO):
 def checkpoint_io(async_save: bool = False) -> AtomicCheckpointIO:
     """The CheckpointIO plugin for ``checkpoint.async_save``."""
     return AsyncCheckpointIO() if async_save else AtomicCheckpointIO()
+
+
+def _finish_sharded(written: Future, meta: dict[str, Any] | None, tmp: Path, path: Path) -> None:
+    """The writer thread's part of ``save_sharded``: wait for DCP, then (rank 0: ``meta`` given) complete and swap."""
+    try:
+        written.result()
+        if meta is not None:
+            torch.save(meta, tmp / "meta.pt")
+            swap_in(tmp, path)
+    except Exception as err:
+        if meta is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(err)
+        reason = str(err).splitlines()[0] if cause is None else (
+            "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause)))  # fmt: skip
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {reason}; the previous one is kept") from err
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:

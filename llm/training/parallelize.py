@@ -11,6 +11,7 @@ Under FSDP the module builds the model on the meta device; Lightning materialise
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,6 +171,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.mixed_precision = mixed_precision
         self.reshard_after_forward = reshard_after_forward
+        self._async_saves = 0
+        self._async_groups: list[Any] = []
 
     def setup_environment(self) -> None:
         world = self.num_processes * self.num_nodes
@@ -200,8 +203,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         A crash during the write leaves the previous checkpoint whole; the swap is two renames (``swap_in``).
         """
         from llm.training.checkpoint import swap_in
+        from llm.training.checkpoint_io import AsyncCheckpointIO
 
         path = Path(self.broadcast(str(filepath)))
+        if self._save_distributed_checkpoint and isinstance(self.checkpoint_io, AsyncCheckpointIO):
+            self._async_saves += 1  # checkpoint.async_save: a name of its own per save, as several may be in flight
+            tmp = Path(self.broadcast(str(path.with_name(f"{path.name}.tmp-{os.getpid()}-{self._async_saves}"))))
+            group = self._checkpoint_groups()[self._async_saves % 2]
+            self.checkpoint_io.save_sharded(checkpoint, path, tmp, self.global_rank, group)
+            return
         tmp = path.with_name(path.name + ".tmp")
         if self.global_rank == 0 and tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
@@ -212,6 +222,15 @@ class FSDP2Strategy(ModelParallelStrategy):
             swap_in(tmp, path)
         self.barrier()
 
+    def _checkpoint_groups(self) -> list[Any]:
+        """Two gloo groups for asynchronous saves, made at the first (collective: every rank saves together).
+
+        Two saves may be in flight (AsyncCheckpointIO.max_pending), each in a DCP thread of its own; on one
+        group their collectives would interleave and hang, so consecutive saves alternate between two."""
+        if not self._async_groups:
+            self._async_groups = [torch.distributed.new_group(backend="gloo") for _ in range(2)]
+        return self._async_groups
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's, except for an adapter run's sharded checkpoint, which holds the trainable tensors only:
         Lightning asks the checkpoint for every tensor of the model (frozen base included) and fails."""
@@ -219,6 +238,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         from llm.training.checkpoint import is_sharded
 
         module = self.lightning_module
+        wait = getattr(self.checkpoint_io, "wait", None)
+        if wait is not None:  # checkpoint.async_save: what is read may still be in the writer thread
+            wait()
         path = Path(self.broadcast(str(checkpoint_path)))
         if is_sharded(path):  # before DCP, which unpickles .metadata and non-tensor entries unrestricted
             safe_load.check_sharded(path)
