@@ -9,12 +9,15 @@ size, is the curve compared; float32 on CPU, so the only differences are the ord
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_distributed import final_weights, run
+from tests.conftest import ROOT
+from tests.test_distributed import BASE, final_weights, run
 from tests.test_resume import losses
 
 pytestmark = pytest.mark.slow
@@ -125,3 +128,29 @@ def test_asynchronous_sharded_checkpoints_change_nothing_and_resume(uninterrupte
     assert (ckpts / "step4.ckpt" / ".metadata").is_file() and (ckpts / "step4.ckpt" / "meta.pt").is_file()
     resumed = resume(tmp_path, data_cache, straight, *ONE)
     assert max_curve_difference(uninterrupted["fsdp"], resumed) < TOL
+
+
+def test_a_full_disk_during_an_asynchronous_sharded_save_keeps_the_previous_checkpoint(tmp_path, data_cache):
+    # the checkpoints on a 4 MiB tmpfs: the first saves (1.7 MB each) fit, a later one does not
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(ckpts)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root in a container): " + mounted.stderr.decode().strip())
+    try:
+        cmd = [sys.executable, "train.py", *BASE, f"data.cache_dir={data_cache}", f"hydra.run.dir={tmp_path / 'run'}",
+               *FSDP, "trainer.max_steps=12", "trainer.val_check_interval=3", "checkpoint.async_save=true"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors and all(
+            line == f"error: could not write checkpoint {ckpts / 'last.ckpt'}: the disk is full; the previous one is kept"
+            for line in errors
+        ), proc.stderr[-3000:]  # one line per process
+        assert "Traceback" not in proc.stderr
+        last = ckpts / "last.ckpt"
+        assert (last / ".metadata").is_file() and (last / "meta.pt").is_file()  # whole: the previous one
+        assert torch.load(last / "meta.pt", weights_only=False)["global_step"] in (3, 6, 9)
+        assert [p.name for p in ckpts.iterdir() if ".tmp" in p.name] == []
+    finally:
+        subprocess.run(["umount", str(ckpts)], capture_output=True)

@@ -185,12 +185,20 @@ def _finish_sharded(written: Future, meta: dict[str, Any] | None, tmp: Path, pat
         if meta is not None:
             torch.save(meta, tmp / "meta.pt")
             swap_in(tmp, path)
-    except Exception as err:
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
         if meta is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = _os_error(err)
-        reason = str(err).splitlines()[0] if cause is None else (
-            "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause)))  # fmt: skip
+        if not isinstance(err, Exception) and not hasattr(err, "failures"):
+            raise  # a KeyboardInterrupt, SystemExit
+        # DCP gathers every rank's failure, pickled (their causes lost): {rank: (exception, traceback summary)}
+        failures = [f[0] if isinstance(f, tuple) else f for f in getattr(err, "failures", {}).values()] or [err]
+        cause = next((c for c in map(_os_error, failures) if c is not None), None)
+        if cause is not None:
+            reason = "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+        elif "unexpected pos" in str(failures[0]):  # torch's zip writer, when a write came up short
+            reason = "a shard's write came up short (is the disk full?)"
+        else:
+            reason = f"{type(failures[0]).__name__}: {str(failures[0]).splitlines()[0]}"
         raise CheckpointWriteError(f"could not write checkpoint {path}: {reason}; the previous one is kept") from err
 
 
