@@ -368,6 +368,7 @@ def test_every_task_stopped_mid_epoch_resumes_exactly(pretrained, tmp_path, task
 KILL_LAYOUTS = {
     "ddp": ["trainer=ddp", "trainer.devices=2", "data.batch_size=4"],
     "fsdp": ["trainer=fsdp", "trainer.devices=2", "data.batch_size=4"],
+    "fsdp-async": ["trainer=fsdp", "trainer.devices=2", "data.batch_size=4", "checkpoint.async_save=true"],
 }
 
 
