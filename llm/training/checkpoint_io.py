@@ -52,10 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             cause = _os_error(err) if isinstance(err, Exception) else None  # not a KeyboardInterrupt's context
             if cause is None:
                 raise
-            reason = "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path}: {reason}; the previous one is kept"
-            ) from err
+            raise _write_error(path, _explain(cause)) from err
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's restore (``ckpt_path=``, validation of the best checkpoint) reads data only, like every other
@@ -194,12 +191,20 @@ def _finish_sharded(written: Future, meta: dict[str, Any] | None, tmp: Path, pat
         failures = [f[0] if isinstance(f, tuple) else f for f in getattr(err, "failures", {}).values()] or [err]
         cause = next((c for c in map(_os_error, failures) if c is not None), None)
         if cause is not None:
-            reason = "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+            reason = _explain(cause)
         elif "unexpected pos" in str(failures[0]):  # torch's zip writer, when a write came up short
             reason = "a shard's write came up short (is the disk full?)"
         else:
             reason = f"{type(failures[0]).__name__}: {str(failures[0]).splitlines()[0]}"
-        raise CheckpointWriteError(f"could not write checkpoint {path}: {reason}; the previous one is kept") from err
+        raise _write_error(path, reason) from err
+
+
+def _explain(cause: OSError) -> str:
+    return "the disk is full" if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+
+
+def _write_error(path: Any, reason: str) -> CheckpointWriteError:
+    return CheckpointWriteError(f"could not write checkpoint {path}: {reason}; the previous one is kept")
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
