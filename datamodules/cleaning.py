@@ -134,7 +134,10 @@ class Dedup:
 
     def __call__(self, text: str) -> bool:
         digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        key = int.from_bytes(digest, "little")
+        return self.admit(int.from_bytes(digest, "little"))
+
+    def admit(self, key: int) -> bool:
+        """Whether a document with this digest is new (then it is remembered)."""
         if key in self._recent:
             return False
         if len(self._sorted):
@@ -235,7 +238,10 @@ class NearDedup:
         return sig.astype(np.uint32)
 
     def __call__(self, text: str) -> bool:
-        sig = self.signature(text)
+        return self.admit(self.signature(text))
+
+    def admit(self, sig: np.ndarray) -> bool:
+        """Whether a document with this signature is no near-duplicate of one admitted before (then it is kept)."""
         keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
         candidates = {j for bucket, key in zip(self._buckets, keys) for j in bucket.get(key, ())}
         if candidates:

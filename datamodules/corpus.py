@@ -21,32 +21,40 @@ directory that a later run trusts; a later build removes its leftovers.
 
 from __future__ import annotations
 
-import array
-import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from datamodules.cache import PIPELINE_VERSION, cache_key, checksums, damaged, lock, meta_digest, write_json
-from datamodules.cleaning import Cleaner, normalize_rules
+from datamodules.cleaning import normalize_rules
 from datamodules.corpus_report import build_report
-from datamodules.encoding import encode_processes, encode_spool
-from datamodules.shards import ShardIndex, ShardWriter, TokenShards, shards_intact, token_dtype
-from datamodules.sources import DataError, SourceStats, find_files, read_documents, unread
-from datamodules.spool import Spool
+from datamodules.filecache import (
+    FILES_DIR,
+    FileEntry,
+    FileSpec,
+    file_key,
+    file_spec,
+    load_entry,
+    prepare_file,
+    processes,
+    progress,
+    run_tasks,
+)
+from datamodules.merge import Merged, merge
+from datamodules.shards import ShardIndex, TokenShards, shards_intact, token_dtype
+from datamodules.sources import DataError, SourceStats, find_files, unread
+from datamodules.to_shards import KeptDocs, encode_to_shards
 from datamodules.tokenizer import load_tokenizer, special_ids, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,7 +81,7 @@ class CorpusSettings:
     tokenizer_sample_bytes: int | None = None
     val_fraction: float = 0.05
     seed: int = 1234
-    num_proc: int | None = None  # encoding processes; None: automatic (see encoding.encode_processes)
+    num_proc: int | None = None  # cleaning and encoding processes; None: automatic (see filecache.processes)
     val_paths: Sequence[str] | None = None  # the val split's files; None: val_fraction of the documents of paths
     where: str = "data"  # the config node these settings come from, named in errors ("data.sources.web")
     cleaning_rules: list[dict[str, Any]] = field(init=False)
@@ -190,13 +198,15 @@ def build(
 
 @dataclass
 class Cleaned:
-    """Steps 1-2 of a build done: the kept documents spooled in ``out_dir``, split into train and val."""
+    """Steps 1-2 of a build done: every file cleaned into its entry, the corpus-wide rules applied, the kept
+    documents split into train and val."""
 
     sets: list[_SourceSet]
-    spool: Spool
-    is_val: np.ndarray  # (documents,) bool, in spool order
+    spool: KeptDocs  # the kept documents of every set, in order
+    is_val: np.ndarray  # (documents,) bool, in that order
     val_in_train: int | None
     timings: dict[str, float]
+    files: dict[str, int]  # what the per-file step did: {"files", "cleaned", "processes"}
 
 
 def clean_and_split(
@@ -207,35 +217,71 @@ def clean_and_split(
     val_files: list[Path] | None = None,
     val_skipped: Sequence[dict] = (),
 ) -> Cleaned:
-    """Sources -> cleaning, spooled to ``out_dir`` (the train documents, then those of val_paths), then the split
-    by document."""
+    """Sources -> cleaning: every file's entry in ``files/`` next to ``out_dir`` (built where missing, in worker
+    processes for a large corpus), then the corpus-wide rules per set, then the split by document."""
     t0 = time.perf_counter()
+    spec = file_spec(settings.text_field, settings.split_paragraphs, settings.cleaning_rules, settings.where)
     sets = [_SourceSet("paths", settings.paths, files, skipped)]
     if val_files is not None:
         sets.append(_SourceSet("val_paths", settings.val_paths or [], val_files, list(val_skipped)))
-    spool, val_in_train = _read_and_clean(sets, settings, out_dir / "docs.spool")
+    files_dir = out_dir.parent / FILES_DIR
+    files_dir.mkdir(exist_ok=True)
+    entries, counts = _prepare_files([p for s in sets for p in s.files], spec, files_dir, settings.num_proc)
+    for s in sets:
+        s.merged = merge([entries[p] for p in s.files], settings.cleaning_rules, s.skipped)
+        s.check(settings)
+    val_in_train = None
     if val_files is None:
-        is_val = split_documents(sets[0].cleaner.docs_kept, settings.val_fraction, settings.seed)
+        is_val = split_documents(sets[0].merged.docs_kept, settings.val_fraction, settings.seed)
     else:
-        is_val = np.repeat([False, True], [sets[0].cleaner.docs_kept, sets[1].cleaner.docs_kept])
-    return Cleaned(sets, spool, is_val, val_in_train, {"read_and_clean": round(time.perf_counter() - t0, 3)})
+        is_val = np.repeat([False, True], [sets[0].merged.docs_kept, sets[1].merged.docs_kept])
+        val_in_train = int(np.isin(sets[1].merged.kept_digests(), sets[0].merged.kept_digests()).sum())
+    spool = KeptDocs([(e, k) for s in sets for e, k in zip(s.merged.entries, s.merged.keep)])
+    timings = {"read_and_clean": round(time.perf_counter() - t0, 3)}
+    return Cleaned(sets, spool, is_val, val_in_train, timings, counts)
+
+
+def _prepare_files(
+    paths: list[Path], spec: FileSpec, files_dir: Path, num_proc: int | None
+) -> tuple[dict[Path, FileEntry], dict[str, int]]:
+    """Every file's entry, built where missing (one task per file); and what was done."""
+    for stale in files_dir.glob("*.tmp-*"):  # left by a killed build: we hold the cache lock
+        shutil.rmtree(stale, ignore_errors=True)
+    unique = list(dict.fromkeys(paths))
+    keys = {p: file_key(p, spec) for p in unique}
+    todo = [p for p in unique if load_entry(files_dir / keys[p]) is None]
+    total = sum(p.stat().st_size for p in todo)
+    n_proc = processes(num_proc, len(todo), total)
+    with progress(total, "reading and cleaning") as bar:
+        tasks = [(str(p), spec, str(files_dir), keys[p]) for p in todo]
+        n_proc = run_tasks(prepare_file, tasks, n_proc, lambda i, _: bar.update(todo[i].stat().st_size))
+    entries = {}
+    for p in unique:
+        entry = load_entry(files_dir / keys[p])
+        if entry is None:
+            raise RuntimeError(f"data cache entry {files_dir / keys[p]} of {p} was just written but cannot be read")
+        entries[p] = entry
+    return entries, {"files": len(unique), "cleaned": len(todo), "clean_processes": n_proc}
 
 
 def pack(
     cleaned: Cleaned, settings: CorpusSettings, tok: Tokenizer, tok_info: dict[str, Any], key: str, out_dir: Path
 ) -> dict[str, Any]:
-    """Encode -> shards with ``tok`` into ``out_dir`` (which holds ``cleaned``'s spool, removed after), then the
+    """Encode -> shards with ``tok`` into ``out_dir`` (each file's entry encoded once per tokenizer), then the
     report and ``meta.json`` (last: it marks the entry usable); returns the report."""
     t0 = time.perf_counter()
-    spool, is_val = cleaned.spool, cleaned.is_val
     dtype = token_dtype(tok_info["vocab_size"])
-    index, n_proc, counts = _encode_to_shards(spool, is_val, tok, tok_info, dtype, settings.num_proc, out_dir)
+    index, n_proc, counts, encoded = encode_to_shards(
+        cleaned.spool, cleaned.is_val, tok, tok_info, dtype, settings.num_proc, out_dir
+    )
     np.save(out_dir / TOKEN_COUNTS, counts)
-    text_bytes = int(spool.sizes_array().sum())
-    spool.path.unlink()
+    text_bytes = int(cleaned.spool.sizes_array().sum())
     timings = {**cleaned.timings, "encode_and_pack": round(time.perf_counter() - t0, 3)}
 
-    report = build_report(settings, cleaned.sets, is_val, cleaned.val_in_train, tok_info, dtype, index, n_proc, text_bytes)
+    report = build_report(
+        settings, cleaned.sets, cleaned.is_val, cleaned.val_in_train, tok_info, dtype, index, n_proc, text_bytes
+    )
+    report["files"] = {**cleaned.files, "encoded": encoded, "encode_processes": n_proc}
     report["cache"] = {"key": key, "hit": False}
     report["settings"] = {k: v for k, v in asdict(settings).items() if k not in ("cleaning", "where")}
     report["timings"] = timings
@@ -260,80 +306,29 @@ class _SourceSet:
     paths: Sequence[str]
     files: list[Path]
     skipped: list[dict]
-    stats: SourceStats = field(init=False)
-    cleaner: Cleaner = field(init=False)
+    merged: Merged = field(init=False)
 
-    def docs(self, settings: CorpusSettings, bar: tqdm, done: list[int]) -> Iterator[str]:
-        """The cleaned documents; ``done[0]`` holds the bytes that sets before this one read (for the bar)."""
-        self.stats = SourceStats(skipped_files=list(self.skipped))
-        self.cleaner = Cleaner(settings.cleaning_rules)  # its own state: dedup is per split
-        if not self.files:
-            return
-        docs = read_documents(self.files, settings.text_field, settings.split_paragraphs, self.stats)
-        for i, doc in enumerate(self.cleaner(docs)):
-            if i % 1024 == 0:
-                bar.update(done[0] + self.stats.disk_bytes - bar.n)
-            yield doc
-        done[0] += self.stats.disk_bytes
+    @property
+    def stats(self) -> SourceStats:
+        return self.merged.stats
+
+    @property
+    def cleaning(self) -> dict[str, Any]:
+        return self.merged.cleaning
 
     def check(self, settings: CorpusSettings) -> None:
         """A set with no document left is an error naming why."""
         if not self.files:
             return
-        cleaner, where = self.cleaner, f"{settings.where}.{self.key}"
-        if cleaner.docs_read == 0:
+        docs, where = self.cleaning["documents"], f"{settings.where}.{self.key}"
+        if docs["read"] == 0:
             reasons = unread(self.stats) or [f"empty files, or data.text_field={settings.text_field!r} empty"]
             raise DataError(f"{where}: no documents in {_summary(self.paths)} ({'; '.join(reasons)})")
-        if cleaner.docs_kept == 0:
-            drops = ", ".join(f"{r.name}: {r.dropped}" for r in cleaner.rules if r.dropped)
+        if docs["kept"] == 0:
+            drops = ", ".join(f"{n}: {r['dropped']}" for n, r in self.cleaning["rules"].items() if r["dropped"])
             raise DataError(
-                f"{settings.where}.cleaning dropped all {cleaner.docs_read} documents of {_summary(self.paths)} ({drops})"
+                f"{settings.where}.cleaning dropped all {docs['read']} documents of {_summary(self.paths)} ({drops})"
             )
-
-
-def _digest(doc: str) -> int:
-    """The 8-byte content hash that the dedup rule compares (datamodules.cleaning.Dedup)."""
-    return int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
-def _read_and_clean(sets: list[_SourceSet], settings: CorpusSettings, spool_path: Path) -> tuple[Spool, int | None]:
-    """Sources -> cleaning -> the spool, set after set; and, with a val set, how many of its documents are also
-    train documents (exact copies after cleaning; None without a val set)."""
-    spool = Spool(spool_path)
-    train_hashes = array.array("Q")  # 8 bytes per train document, only with a val set
-    val_in_train = [0]
-
-    def train_docs(docs: Iterable[str]) -> Iterator[str]:
-        for doc in docs:
-            train_hashes.append(_digest(doc))
-            yield doc
-
-    def val_docs(docs: Iterable[str]) -> Iterator[str]:
-        # runs once the train documents are all read: the spool is written in order
-        seen = np.sort(np.frombuffer(train_hashes, dtype=np.uint64)) if len(train_hashes) else None
-        for doc in docs:
-            if seen is not None:
-                h = np.uint64(_digest(doc))
-                i = int(seen.searchsorted(h))
-                val_in_train[0] += bool(i < len(seen) and seen[i] == h)
-            yield doc
-
-    total = sum(p.stat().st_size for s in sets for p in s.files)
-    with progress(total, "reading and cleaning") as bar:
-        done = [0]
-
-        def cleaned() -> Iterator[str]:
-            train = sets[0].docs(settings, bar, done)
-            if len(sets) == 1:
-                yield from train
-                return
-            yield from train_docs(train)
-            yield from val_docs(sets[1].docs(settings, bar, done))
-
-        spool.write_all(cleaned())
-    for s in sets:
-        s.check(settings)
-    return spool, (val_in_train[0] if len(sets) > 1 else None)
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -352,7 +347,7 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return is_val
 
 
-def _tokenizer(settings: CorpusSettings, spool: Spool, is_val: np.ndarray) -> tuple[Tokenizer, dict[str, Any]]:
+def _tokenizer(settings: CorpusSettings, spool: KeptDocs, is_val: np.ndarray) -> tuple[Tokenizer, dict[str, Any]]:
     """The configured tokenizer, or one trained on the train documents; and what the report says of it."""
     if settings.tokenizer is None and bool(is_val.all()):
         raise DataError("no train documents to train a tokenizer on (a val split only): give data.tokenizer=PATH")
@@ -374,7 +369,7 @@ def _tokenizer(settings: CorpusSettings, spool: Spool, is_val: np.ndarray) -> tu
 
 
 def train_documents(
-    spool: Spool, is_val: np.ndarray, sample_bytes: int | None, seed: int, used: list[int]
+    spool: KeptDocs, is_val: np.ndarray, sample_bytes: int | None, seed: int, used: list[int]
 ) -> Iterator[str]:
     """The train documents for tokenizer training; with ``sample_bytes``, a seeded random subset of about that
     many bytes spread over the whole corpus rather than its first files. Adds the bytes given to ``used[0]``."""
@@ -391,36 +386,6 @@ def train_documents(
             continue
         used[0] += int(sizes[i])
         yield doc
-
-
-def _encode_to_shards(
-    spool: Spool,
-    is_val: np.ndarray,
-    tok: Tokenizer,
-    tok_info: dict[str, Any],
-    dtype: np.dtype,
-    num_proc: int | None,
-    out_dir: Path,
-) -> tuple[dict[str, ShardIndex], int, np.ndarray]:
-    """Encode -> shards: every spooled document into its split's shards; the index, processes, train token counts."""
-    bos_id, eos_id = tok_info["bos_id"], tok_info["eos_id"]
-    text_bytes = int(spool.sizes_array().sum())
-    n_proc = encode_processes(num_proc, text_bytes)
-    tok_file = out_dir / "tokenizer.json"
-    tok.save(str(tok_file))  # before encoding: worker processes load it
-    writers = {split: ShardWriter(out_dir, split) for split in SPLITS}
-    counts = np.zeros(tok_info["vocab_size"], dtype=np.int64)
-    with progress(text_bytes, "encoding") as bar:
-
-        def write(train: np.ndarray, val: np.ndarray, n_bytes: int) -> None:
-            # counted here, on arrays already in memory: ~1 ns a token, next to ~1 us a token of encoding
-            np.add(counts, np.bincount(train, minlength=len(counts)), out=counts)
-            writers["train"].write(train)
-            writers["val"].write(val)
-            bar.update(n_bytes)
-
-        n_proc = encode_spool(spool, is_val, tok, tok_file, bos_id, eos_id, dtype, n_proc, write)
-    return {split: w.close() for split, w in writers.items()}, n_proc, counts
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -465,20 +430,3 @@ def _token_counts(out_dir: Path, tok: Tokenizer, meta: dict[str, Any]) -> np.nda
 def _summary(paths: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-
-
-def progress(total: int | None, desc: str, unit: str = "B") -> tqdm:
-    """A progress bar on stderr: on a terminal, for steps of more than two seconds; in a log, only for steps of
-    more than a minute, and then at most a line a minute."""
-    tty = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        unit_scale=True,
-        unit_divisor=1024 if unit == "B" else 1000,
-        delay=2 if tty else 60,
-        mininterval=0.2 if tty else 60,
-        leave=False,
-        file=sys.stderr,
-    )

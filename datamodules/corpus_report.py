@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def sources_report(s: _SourceSet) -> dict[str, Any]:
     """What reading and cleaning one set of sources counted."""
-    clean = s.cleaner.report()
+    clean = s.cleaning
     return {
         "sources": {
             "paths": list(s.paths),

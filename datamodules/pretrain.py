@@ -64,8 +64,8 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         cleaning: the cleaning rules (see :mod:`datamodules.cleaning`); None for the defaults.
         cache_dir: where prepared corpora are cached.
         pin_memory: pin batches in memory (only when CUDA is available).
-        num_proc: processes that encode the corpus; None decides by its size and the cores (see
-            :func:`datamodules.encoding.encode_processes`). Changes the speed only, never the result.
+        num_proc: processes that clean and encode the corpus, one file per task; None decides by its size and the cores (see
+            :func:`datamodules.filecache.processes`). Changes the speed only, never the result.
         train: False for evaluation only (``experiment=eval`` sets it): no train split is required, and with
             ``val_paths`` ``paths`` is not read at all (the tokenizer must then be given). A training run
             refuses it.

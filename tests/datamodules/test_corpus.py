@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import encoding, shards
+from datamodules import filecache, shards
 from datamodules.cache import cache_key
 from datamodules.corpus import CorpusSettings, prepare_corpus, split_documents
 from datamodules.dataset import TokenWindows
@@ -210,7 +210,9 @@ def test_corpus_emptied_by_cleaning_error(tmp_path):
     src = write_jsonl(tmp_path / "d.jsonl", ["short", "also short"])
     with pytest.raises(DataError, match=r"data\.cleaning dropped all 2 documents .*min_chars: 2"):
         prepare_corpus(settings(src, cleaning=[{"name": "min_chars", "value": 100}]), tmp_path / "cache")
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # nothing half-built left behind
+    # nothing half-built left behind (the file's own cleaned entry is complete: kept for the next try)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == ["files"]
+    assert not list((tmp_path / "cache" / "files").glob("*.tmp-*"))
 
 
 def test_shards_and_index_read_as_one_stream(tmp_path, paragraphs, monkeypatch):
@@ -236,13 +238,16 @@ def test_shards_and_index_read_as_one_stream(tmp_path, paragraphs, monkeypatch):
         assert torch.equal(windows[i]["input_ids"], flat[i]["input_ids"])
 
 
-def test_worker_processes_give_the_same_output(tmp_path, paragraphs, monkeypatch):
-    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs)
-    one = prepare_corpus(settings(src, num_proc=1), tmp_path / "one")
-    monkeypatch.setattr(encoding, "TASK_BYTES", 10_000)  # several tasks per worker
-    two = prepare_corpus(settings(src, num_proc=2), tmp_path / "two")
-    assert two.report["packing"]["encode_processes"] == 2 and one.report["packing"]["encode_processes"] == 1
+def test_worker_processes_give_the_same_output(tmp_path, paragraphs):
+    (tmp_path / "in").mkdir()
+    for i in range(4):  # one task per file
+        write_jsonl(tmp_path / "in" / f"part{i}.jsonl", paragraphs[i::4])
+    one = prepare_corpus(settings(tmp_path / "in", num_proc=1), tmp_path / "one")
+    two = prepare_corpus(settings(tmp_path / "in", num_proc=2), tmp_path / "two")
+    assert one.report["files"] == {"files": 4, "cleaned": 4, "clean_processes": 1, "encoded": 4, "encode_processes": 1}
+    assert two.report["files"] == {"files": 4, "cleaned": 4, "clean_processes": 2, "encoded": 4, "encode_processes": 2}
     assert two.report["cache"]["key"] == one.report["cache"]["key"]  # num_proc changes the speed, not the output
+    assert two.report["rules"] == one.report["rules"]
     for split in ("train", "val"):
         assert np.array_equal(np.asarray(two.tokens(split)), np.asarray(one.tokens(split)))
 
@@ -258,20 +263,23 @@ def test_crash_mid_build_leaves_nothing_trusted(tmp_path, paragraphs, monkeypatc
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C while encoding
         return real(*args, **kwargs)
 
-    real = encoding.encode_documents
-    monkeypatch.setattr(encoding, "ENCODE_BATCH_BYTES", 5_000)
-    monkeypatch.setattr(encoding, "encode_documents", crash)
+    real = filecache.encode_with_lengths
+    monkeypatch.setattr(filecache, "ENCODE_BATCH_BYTES", 5_000)
+    monkeypatch.setattr(filecache, "encode_with_lengths", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(settings(src), cache)
-    assert [p.name for p in cache.iterdir()] == [".lock"]  # no entry, no temporary directory
+    # no corpus entry, no temporary directory or file: only the file's cleaned entry, complete, kept for the next try
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", "files"]
+    (entry,) = (cache / "files").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["docs.npz", "docs.spool", "summary.json"]
     # a build killed outright (no clean-up) leaves its temporary directory: never trusted, removed by the next
-    monkeypatch.setattr(encoding, "encode_documents", real)
+    monkeypatch.setattr(filecache, "encode_with_lengths", real)
     key = cache_key([src], settings(src))
     (cache / f"{key}.tmp-killed").mkdir()
     (cache / f"{key}.tmp-killed" / "meta.json").write_text('{"complete": true}')
     corpus = prepare_corpus(settings(src), cache)
     assert corpus.report["cache"]["hit"] is False
-    assert sorted(p.name for p in cache.iterdir()) == [".lock", key]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([".lock", "files", key])
 
 
 def test_damaged_shard_is_rebuilt(tmp_path, paragraphs):
@@ -300,13 +308,16 @@ def test_only_binary_files_is_an_error_naming_them(tmp_path):
         f"data.paths: no documents in {tmp_path / 'in'} (1 empty file; 1 skipped, e.g. {tmp_path / 'in' / 'a.txt'}: "
         "binary file (NUL bytes))"
     )
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock", "files"]  # and no corpus entry
 
 
 def test_unguarded_script_with_workers_falls_back_instead_of_hanging(tmp_path, paragraphs):
     """spawn re-imports the calling script in each worker; without the ``__main__`` guard the workers die while
     starting. The build must not hang: this process encodes instead, to the same result."""
-    src = write_jsonl(tmp_path / "docs.jsonl", paragraphs[:100])
+    src = tmp_path / "in"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", paragraphs[:50])
+    write_jsonl(src / "b.jsonl", paragraphs[50:100])
     script = tmp_path / "unguarded.py"
     script.write_text(
         "from datamodules.corpus import CorpusSettings, prepare_corpus\n"
@@ -316,7 +327,7 @@ def test_unguarded_script_with_workers_falls_back_instead_of_hanging(tmp_path, p
     )
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "encoding in this process instead" in proc.stderr and "__main__" in proc.stderr
+    assert "preparing the files in this process instead" in proc.stderr and "__main__" in proc.stderr
     reference = prepare_corpus(
         CorpusSettings(paths=[str(src)], vocab_size=400, cleaning=[{"name": "whitespace"}]), tmp_path / "ref"
     )

@@ -1,24 +1,26 @@
-"""Encoding: the number of worker processes, and BOS document EOS per document."""
+"""Encoding: the number of processes that prepare files, and BOS document EOS per document."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from datamodules import encoding
+from datamodules import encoding, filecache
 from datamodules.sources import DataError
 from datamodules.tokenizer import train_tokenizer
 
 
-def test_encode_processes(monkeypatch):
-    monkeypatch.setattr(encoding, "available_cpus", lambda: 8)
-    assert encoding.encode_processes(3, 10) == 3  # the user's choice wins
-    assert encoding.encode_processes(None, encoding.POOL_MIN_BYTES - 1) == 1  # small corpus: in-process
-    assert encoding.encode_processes(None, 1 << 40) == 8
-    monkeypatch.setattr(encoding, "available_cpus", lambda: 2)
-    assert encoding.encode_processes(None, 1 << 40) == 1  # 2 cores: encode_batch's threads measured no slower
+def test_processes(monkeypatch):
+    monkeypatch.setattr(filecache, "available_cpus", lambda: 8)
+    assert filecache.processes(3, 10, 10) == 3  # the user's choice wins
+    assert filecache.processes(3, 2, 10) == 2  # at most one per file
+    assert filecache.processes(None, 10, filecache.POOL_MIN_BYTES - 1) == 1  # small corpus: in-process
+    assert filecache.processes(None, 1, 1 << 40) == 1  # one file: one task
+    assert filecache.processes(None, 100, 1 << 40) == 8
+    monkeypatch.setattr(filecache, "available_cpus", lambda: 2)
+    assert filecache.processes(None, 100, 1 << 40) == 2
     with pytest.raises(DataError, match=r"data\.num_proc=0 must be at least 1"):
-        encoding.encode_processes(0, 10)
+        filecache.processes(0, 10, 10)
 
 
 def test_encode_documents_bos_and_eos_per_document():

@@ -427,7 +427,8 @@ def test_train_py_truncated_gzip_one_line_error_no_cache(tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad}: cannot be read (truncated: the compressed stream ends early)"]
-    assert [p.name for p in cache.iterdir()] == [".lock"]
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", "files"]
+    assert not list((cache / "files").iterdir())  # no entry of the bad file, complete or not
 
 
 def test_worker_processes_load_the_same_batches(small_src, tmp_path):
