@@ -1,29 +1,42 @@
-"""Data preparation speed and memory: cold and warm set-up of the embedded corpus and of a corpus ~15x larger.
+"""Data preparation speed and memory: cold, incremental and warm set-up, over 1 and 2 processes, at two sizes.
 
-    python bench/data.py [--copies 10] [--repeats 2] [--quick] [--rss-bound-mb 150]
+    python bench/data.py [--copies 10] [--files 100] [--repeats 2] [--quick] [--rss-bound-mb 150]
+                         [--sizes-mb 200 1000]
 
 Inputs:
 
 - ``embedded``: the embedded corpus as ``conf/data/corpus.yaml`` prepares it (paragraph documents, its rules);
 - ``real xN``: ``N`` copies of the real text in ``../shared/corpora/*.jsonl`` (Jane Austen and 三国演义; where
-  that folder is absent, the embedded Austen corpus and the 三国演义 sample in tests/data), one paragraph per JSON line, each paragraph prefixed with its copy number so that deduplication keeps every copy,
-  prepared as ``conf/data/text.yaml`` does. ``real x1`` is there to show that memory does not grow with N.
+  that folder is absent, the embedded Austen corpus and the 三国演义 sample in tests/data), one paragraph per JSON
+  line, each paragraph prefixed with its copy number so that deduplication keeps every copy, spread over
+  ``--files`` files and prepared as ``conf/data/text.yaml`` does. ``real x1`` (one file) is there to show that
+  memory does not grow with N.
 
-Every measurement runs in a fresh Python process (timed inside it, imports excluded), so its peak RSS is its own:
+Every measurement runs in a fresh Python process (timed inside it, imports excluded), so its peak RSS is its own
+(worker processes' peak is shown apart):
 
 - ``bare encode_batch``: ``Tokenizer.encode_batch`` (and ``encode_batch_fast``, which skips offsets) over the
-  same documents, already in memory, in the same 256 kB batches the pipeline uses, with the same tokenizer;
+  same documents, already in memory, in the same 256 kB batches the pipeline uses, with the same tokenizer, on
+  every core (its Rust threads);
 - ``cold``: ``prepare_corpus`` into an empty cache (read, clean, split, encode, pack, write), with that tokenizer
-  given; and, as a default run does, with the tokenizer trained on the corpus;
+  given, in 1 and in 2 processes (one file per task); and, as a default run does, with the tokenizer trained;
+- ``incremental``: one of the ``--files`` files changed (a paragraph added) in a cache that the cold 1-process
+  build filled: only that file is read, cleaned and encoded again; dedup, the split and the shards are redone;
 - ``warm``: ``PretrainDataModule.prepare()`` from the cache (hashing the inputs, loading the index).
+
+With ``--sizes-mb A B``, corpora of about A and B MB of text (copies of the real text in ``--files`` files) are
+prepared cold, tokenizer given and trained (``data.tokenizer_sample_bytes`` as conf/data/text.yaml sets it), with
+automatic processes, and their peak RSS compared.
 
 MB/s counts the UTF-8 text of the documents as read (before cleaning); Mtok/s the tokens produced. "vs bare" is
 bare ``encode_batch`` time / this time over the same text: 1.0 would mean that reading, cleaning and packing
 cost nothing. CPU seconds (this process and its workers) are shown too: on a shared machine they are steadier
 than wall time. The sides take turns and each keeps its best of ``--repeats``.
 
-Checks (exit code 1 if one fails): cold >= 0.7x bare ``encode_batch``; warm set-up of the embedded corpus
-< 1 s; peak RSS of the cold preparation of ``real xN`` <= ``--rss-bound-mb`` and within 25 MB of ``real x1``'s.
+Checks (exit code 1 if one fails): ``real xN`` cold in 2 processes >= 0.9x bare ``encode_batch``, and >= 1.7x
+the 1-process build; one changed file < 10% of the 1-process full build; warm set-up of the embedded corpus
+< 1 s; peak RSS of the cold preparation of ``real xN`` <= ``--rss-bound-mb`` and within 25 MB of ``real x1``'s;
+with ``--sizes-mb``, peak RSS at B within 10% of that at A.
 """
 
 from __future__ import annotations
@@ -55,6 +68,9 @@ def _cpu() -> float:
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
+    if job.get("cores"):  # before tokenizers starts its thread pool: it sizes it by the cores this process may use
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: job["cores"]])
+        os.environ["RAYON_NUM_THREADS"] = str(job["cores"])
     from datamodules.corpus import CorpusSettings, prepare_corpus
 
     settings = CorpusSettings(**job["settings"])
@@ -93,8 +109,27 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         out["tokens"] = corpus.n_train + corpus.n_val
         out["timings"] = rep["timings"]
         out["documents_kept"] = rep["documents"]["kept"]
-        out["encode_processes"] = rep["packing"]["encode_processes"]
+        out["files"] = rep["files"]
+        out["trained_on_bytes"] = rep["tokenizer"].get("trained_on_bytes")
         out["tokenizer"] = str(corpus.dir / "tokenizer.json")
+    elif job["kind"] == "incremental":
+        import shutil
+
+        # a copy of the inputs (entries are keyed by content, not path), one file of it changed: a new paragraph,
+        # different in every repeat, so that no corpus entry of an earlier repeat matches
+        src, work = Path(job["inputs"]), Path(tempfile.mkdtemp(prefix="changed-", dir=job["cache_dir"]))
+        shutil.copytree(src, work / src.name)
+        files = sorted((work / src.name).glob("*.jsonl"))
+        with open(files[len(files) // 2], "a", encoding="utf-8") as f:
+            f.write(json.dumps({"text": f"A paragraph added at {time.time_ns()} to change this file."}) + "\n")
+        settings.paths = [str(work / src.name)]
+        t0, c0 = time.perf_counter(), _cpu()
+        corpus = prepare_corpus(settings, job["cache_dir"])
+        out["seconds"], out["cpu"] = time.perf_counter() - t0, _cpu() - c0
+        shutil.rmtree(work)
+        assert corpus.report["cache"]["hit"] is False, "the changed corpus was found in the cache"
+        out["tokens"] = corpus.n_train + corpus.n_val
+        out["files"] = corpus.report["files"]
     elif job["kind"] == "warm":
         from datamodules.pretrain import PretrainDataModule
 
@@ -151,21 +186,35 @@ def real_sources() -> list[Path]:
     ]
 
 
-def make_real_corpus(out: Path, copies: int) -> Path:
-    """``copies`` jsonl files, each all of ``real_sources()``, one paragraph a line, prefixed by its copy."""
+def real_paragraphs() -> list[str]:
     import gzip
 
-    out.mkdir(parents=True, exist_ok=True)
     paragraphs: list[str] = []
     for src in real_sources():
         with (gzip.open if src.suffix == ".gz" else open)(src, "rt", encoding="utf-8") as f:
             for line in f:
                 text = json.loads(line)["text"].replace("\r\n", "\n")
                 paragraphs += [p.strip() for p in text.split("\n\n") if p.strip()]
-    for c in range(copies):
-        with open(out / f"copy-{c:03d}.jsonl", "w", encoding="utf-8") as f:
-            for i, p in enumerate(paragraphs):
-                f.write(json.dumps({"text": f"[{c}.{i}] {p}"}, ensure_ascii=False) + "\n")
+    return paragraphs
+
+
+def make_real_corpus(out: Path, copies: int, files: int = 1) -> Path:
+    """``copies`` times all of ``real_sources()``, one paragraph a line, each prefixed by its copy, written in order
+    over ``files`` jsonl files of about the same size."""
+    out.mkdir(parents=True, exist_ok=True)
+    paragraphs = real_paragraphs()
+    total = copies * len(paragraphs)
+    per_file = -(-total // files)
+    f = None
+    for n in range(total):
+        if n % per_file == 0:
+            if f is not None:
+                f.close()
+            f = open(out / f"part-{n // per_file:04d}.jsonl", "w", encoding="utf-8")
+        c, i = divmod(n, len(paragraphs))
+        f.write(json.dumps({"text": f"[{c}.{i}] {paragraphs[i]}"}, ensure_ascii=False) + "\n")
+    if f is not None:
+        f.close()
     return out
 
 
@@ -176,11 +225,14 @@ def make_real_corpus(out: Path, copies: int) -> Path:
 def describe(job: dict[str, Any]) -> str:
     what = job["kind"] + (f" {job['method']}" if "method" in job else "")
     settings = job["settings"]
-    if job["kind"] == "cold":
+    if job["kind"] in ("cold", "incremental"):
         what += ", tokenizer " + ("given" if settings.get("tokenizer") else "trained")
-        what += (
-            f", {settings['num_proc']} process{'es' * (settings['num_proc'] != 1)}" if settings.get("num_proc") else ""
-        )
+        n = settings.get("num_proc")
+        what += f", {n} process{'es' * (n != 1)}" if n else ""
+    if job["kind"] == "incremental":
+        what += ", 1 file changed"
+    if job.get("cores"):
+        what += f", {job['cores']} core{'s' * (job['cores'] != 1)}"
     return what
 
 
@@ -189,10 +241,10 @@ def best(jobs: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     for _ in range(repeats):
         for i, job in enumerate(jobs):
-            if job["kind"] == "cold":
+            if job["kind"] == "cold":  # each repeat into its own empty cache
                 Path(job["cache_dir"]).mkdir(parents=True, exist_ok=True)
                 job = {**job, "cache_dir": tempfile.mkdtemp(prefix="cold-", dir=job["cache_dir"])}
-            r = {**run_child(job), "cache_dir": job.get("cache_dir"), "step": describe(job)}
+            r = {**run_child(job), "cache_dir": job.get("cache_dir"), "step": describe(job), "kind": job["kind"]}
             print(f"  {r['step']}: {r['seconds']:.3f} s, {r['cpu']:.2f} CPU s, {r['peak_rss_mb']:.0f} MB", flush=True)
             prev = results[i]
             if prev is not None:
@@ -205,9 +257,11 @@ def best(jobs: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=10, help="copies of the real corpora in the large corpus")
+    parser.add_argument("--files", type=int, default=100, help="files the large corpora are written as")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="skip the large corpus's trained-tokenizer runs")
     parser.add_argument("--rss-bound-mb", type=float, default=150.0, help="the memory bound checked")
+    parser.add_argument("--sizes-mb", type=float, nargs=2, metavar=("A", "B"), help="peak RSS at two corpus sizes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -221,11 +275,11 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"cores: {cpus}, load average {load:.1f}; work dir {work}; best of {args.repeats}", flush=True)
     print("real text: " + ", ".join(str(p.relative_to(ROOT.parent)) for p in real_sources()), flush=True)
-    real = make_real_corpus(work / "real", args.copies)
+    real = make_real_corpus(work / "real", args.copies, args.files)
     big = f"real x{args.copies}"
     inputs = {
         "embedded": {"paths": [str(EMBEDDED_CORPUS)], **data_config("corpus")},
-        "real x1": {"paths": [str(real / "copy-000.jsonl")], **data_config("text")},
+        "real x1": {"paths": [str(make_real_corpus(work / "real1", 1))], **data_config("text")},
         big: {"paths": [str(real)], **data_config("text")},
     }
 
@@ -244,88 +298,147 @@ def main() -> None:
                 for m in ("encode_batch", "encode_batch_fast")
             ]
         jobs.append({"kind": "cold", "settings": {**given, "num_proc": 1}, "cache_dir": cache})
-        if name == big:
+        if name == big:  # 1 and 2 cores: the 1-core build is what 2 processes are measured against
+            jobs.append({"kind": "bare", "settings": given, "tokenizer": tok, "method": "encode_batch", "cores": 1})
+            jobs.append({"kind": "cold", "settings": {**given, "num_proc": 1}, "cache_dir": cache, "cores": 1})
             jobs.append({"kind": "cold", "settings": {**given, "num_proc": 2}, "cache_dir": cache})
         if name != "embedded" and not args.quick:
             jobs.append({"kind": "cold", "settings": settings, "cache_dir": cache})
         print(f"{name}: {len(jobs)} jobs x {args.repeats} ...", flush=True)
         res = best(jobs, args.repeats)
+        if name == big:  # into the cache a 1-process cold build filled
+            filled = next(r for r in res if r["step"] == "cold, tokenizer given, 1 process")["cache_dir"]
+            job = {
+                "kind": "incremental",
+                "settings": {**given, "num_proc": 1},
+                "cache_dir": filled,
+                "inputs": str(real),
+            }
+            res += best([job], args.repeats)
         warm_cache = (trained[0] if name == "embedded" else res[-1])["cache_dir"]
         warm_settings = settings if name == "embedded" or not args.quick else given
         res += best([{"kind": "warm", "settings": warm_settings, "cache_dir": warm_cache}], args.repeats)
         results[name] += res
 
-    # the table
-    print()
-    head = f"{'input':<10} {'text MB':>7}  {'step':<36} {'seconds':>8} {'CPU s':>6} {'MB/s':>6} {'Mtok/s':>6}"
-    head += f" {'vs bare':>7} {'RSS MB':>6}"
-    print(head)
-    print("-" * len(head))
-    from datamodules.sources import find_files, read_documents
+    sized: dict[str, dict[str, Any]] = {}
+    if args.sizes_mb:
+        per_copy = sum(len(p.encode("utf-8")) for p in real_paragraphs()) / 1e6
+        for mb in args.sizes_mb:
+            copies = max(1, round(mb / per_copy))
+            name = f"{copies * per_copy:.0f} MB"
+            src = make_real_corpus(work / f"size-{mb:g}", copies, args.files)
+            settings = {"paths": [str(src)], **data_config("text")}
+            print(f"{name} ({copies} copies in {args.files} files): 2 jobs ...", flush=True)
+            jobs = [
+                {"kind": "cold", "settings": {**settings, "tokenizer": tok}, "cache_dir": str(work / f"c-{mb:g}")},
+                {"kind": "cold", "settings": settings, "cache_dir": str(work / f"c-{mb:g}")},
+            ]
+            sized[name] = {r["step"]: r for r in best(jobs, 1)}
+            import shutil
 
-    text_mb: dict[str, float] = {}
-    bare: dict[str, dict[str, Any]] = {}
-    for name, settings in inputs.items():
-        docs = read_documents(find_files(settings["paths"])[0], settings["text_field"], settings["split_paragraphs"])
-        text_mb[name] = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    for name, rows in results.items():
-        bare_rows = [r for r in rows if r["step"] == "bare encode_batch"]
-        if bare_rows:
-            bare[name] = bare_rows[0]
-        for r in sorted(rows, key=lambda r: ("warm" in r["step"], "cold" in r["step"], r["step"])):
-            mb, secs = text_mb[name], r["seconds"]
-            vs = f"{bare[name]['seconds'] / secs:.2f}x" if name in bare and "warm" not in r["step"] else ""
-            print(
-                f"{name:<10} {mb:>7.1f}  {r['step']:<36} {secs:>8.3f} {r['cpu']:>6.2f} {mb / secs:>6.2f} "
-                f"{r['tokens'] / secs / 1e6:>6.3f} {vs:>7} {r['peak_rss_mb']:>6.0f}"
-            )
+            shutil.rmtree(src)
+            shutil.rmtree(work / f"c-{mb:g}")
 
-    # the checks
-    def row(name: str, step: str) -> dict[str, Any] | None:
-        return next((r for r in results[name] if r["step"] == step), None)
-
-    checks: list[tuple[str, bool, str]] = []
-    for name in ("embedded", big):
-        cold = row(name, "cold, tokenizer given, 1 process")
-        assert cold is not None
-        ratio, cpu_ratio = bare[name]["seconds"] / cold["seconds"], bare[name]["cpu"] / cold["cpu"]
-        fast = row(name, "bare encode_batch_fast")
-        assert fast is not None
-        checks.append(
-            (
-                f"{name}: cold >= 0.7x bare encode_batch",
-                ratio >= 0.7,
-                f"{ratio:.2f}x wall, {cpu_ratio:.2f}x CPU (vs encode_batch_fast: {fast['seconds'] / cold['seconds']:.2f}x)",
-            )
+    print_table(inputs, results)
+    checks = check(results, big, args.rss_bound_mb)
+    if sized:
+        print(
+            f"\n{'size':<8} {'step':<28} {'seconds':>8} {'MB/s':>6} {'RSS MB':>7} {'workers':>8}  tokenizer trained on"
         )
-    warm = row("embedded", "warm")
-    assert warm is not None
-    checks.append(("embedded: warm set-up < 1 s", warm["seconds"] < 1.0, f"{warm['seconds']:.3f} s"))
-    one, many = row("real x1", "cold, tokenizer given, 1 process"), row(big, "cold, tokenizer given, 1 process")
-    assert one is not None and many is not None
-    ok = many["peak_rss_mb"] <= args.rss_bound_mb and many["peak_rss_mb"] <= one["peak_rss_mb"] + RSS_SLACK_MB
-    checks.append(
-        (
-            f"{big}: peak RSS <= {args.rss_bound_mb:.0f} MB and <= real x1 + {RSS_SLACK_MB:.0f} MB (tokenizer given)",
-            ok,
-            f"{many['peak_rss_mb']:.0f} MB vs {one['peak_rss_mb']:.0f} MB",
-        )
-    )
-    one_t, many_t = row("real x1", "cold, tokenizer trained"), row(big, "cold, tokenizer trained")
-    if one_t is not None and many_t is not None:
-        checks.append(
-            (
-                f"{big}: peak RSS <= real x1 + {RSS_SLACK_MB:.0f} MB (tokenizer trained)",
-                many_t["peak_rss_mb"] <= one_t["peak_rss_mb"] + RSS_SLACK_MB,
-                f"{many_t['peak_rss_mb']:.0f} MB vs {one_t['peak_rss_mb']:.0f} MB",
-            )
-        )
+        for name, rows in sized.items():
+            for r in rows.values():
+                used = r.get("trained_on_bytes")
+                print(
+                    f"{name:<8} {r['step']:<28} {r['seconds']:>8.1f} {float(name.split()[0]) / r['seconds']:>6.2f} "
+                    f"{r['peak_rss_mb']:>7.0f} {r['workers_peak_rss_mb']:>8.0f}  {'' if used is None else f'{used / 1e6:.0f} MB'}"
+                )
+        (a, ra), (b, rb) = sized.items()
+        for step in ra:
+            peak_a = max(ra[step]["peak_rss_mb"], ra[step]["workers_peak_rss_mb"])
+            peak_b = max(rb[step]["peak_rss_mb"], rb[step]["workers_peak_rss_mb"])
+            checks.append(
+                (f"{step}: peak RSS (of any process) at {b} within 10% of {a}", peak_b <= 1.1 * peak_a,
+                 f"{peak_b:.0f} MB vs {peak_a:.0f} MB ({peak_b / peak_a:.2f}x)")
+            )  # fmt: skip
     print()
     failed = False
     for what, ok, value in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {what}: {value}")
         failed |= not ok
     sys.exit(1 if failed else 0)
+
+
+def print_table(inputs: dict[str, dict[str, Any]], results: dict[str, list[dict[str, Any]]]) -> None:
+    print()
+    head = f"{'input':<10} {'text MB':>7}  {'step':<44} {'seconds':>8} {'CPU s':>6} {'MB/s':>6} {'Mtok/s':>6}"
+    head += f" {'vs bare':>7} {'RSS MB':>6} {'workers':>7}  files cleaned/encoded"
+    print(head)
+    print("-" * len(head))
+    from datamodules.sources import find_files, read_documents
+
+    for name, settings in inputs.items():
+        docs = read_documents(find_files(settings["paths"])[0], settings["text_field"], settings["split_paragraphs"])
+        mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+        rows = results[name]
+        bare = next((r for r in rows if r["step"] == "bare encode_batch"), None)
+        for r in sorted(rows, key=lambda r: ("warm" in r["step"], "cold" in r["step"], r["step"])):
+            secs = r["seconds"]
+            vs = f"{bare['seconds'] / secs:.2f}x" if bare and r["kind"] in ("bare", "cold") else ""
+            files = r.get("files")
+            done = f"{files['files']}: {files['cleaned']}/{files['encoded']}" if files else ""
+            print(
+                f"{name:<10} {mb:>7.1f}  {r['step']:<44} {secs:>8.3f} {r['cpu']:>6.2f} {mb / secs:>6.2f} "
+                f"{r['tokens'] / secs / 1e6:>6.3f} {vs:>7} {r['peak_rss_mb']:>6.0f} {r['workers_peak_rss_mb']:>7.0f}  {done}"
+            )
+
+
+def check(results: dict[str, list[dict[str, Any]]], big: str, rss_bound_mb: float) -> list[tuple[str, bool, str]]:
+    def row(name: str, step: str) -> dict[str, Any]:
+        found = next((r for r in results[name] if r["step"] == step), None)
+        assert found is not None, (name, step)
+        return found
+
+    checks: list[tuple[str, bool, str]] = []
+    bare, fast = row(big, "bare encode_batch"), row(big, "bare encode_batch_fast")
+    one, two = row(big, "cold, tokenizer given, 1 process"), row(big, "cold, tokenizer given, 2 processes")
+    ratio = bare["seconds"] / two["seconds"]
+    checks.append(
+        (f"{big}: cold in 2 processes >= 0.9x bare encode_batch", ratio >= 0.9,
+         f"{ratio:.2f}x wall, {bare['cpu'] / two['cpu']:.2f}x CPU (vs encode_batch_fast: "
+         f"{fast['seconds'] / two['seconds']:.2f}x)")
+    )  # fmt: skip
+    single = row(big, "cold, tokenizer given, 1 process, 1 core")
+    speedup = single["seconds"] / two["seconds"]
+    checks.append(
+        (f"{big}: 2 processes on 2 cores >= 1.7x 1 process on 1 core (cold, tokenizer given)", speedup >= 1.7,
+         f"{speedup:.2f}x ({single['seconds']:.2f} s vs {two['seconds']:.2f} s; 1 process on 2 cores: "
+         f"{single['seconds'] / one['seconds']:.2f}x)")
+    )  # fmt: skip
+    inc = row(big, "incremental, tokenizer given, 1 process, 1 file changed")
+    share = inc["seconds"] / one["seconds"]
+    files = inc["files"]
+    checks.append(
+        (f"{big}: one changed file of {files['files']} < 10% of the full build", share < 0.1,
+         f"{inc['seconds']:.2f} s vs {one['seconds']:.2f} s ({100 * share:.1f}%; cleaned {files['cleaned']}, "
+         f"encoded {files['encoded']})")
+    )  # fmt: skip
+    warm = row("embedded", "warm")
+    checks.append(("embedded: warm set-up < 1 s", warm["seconds"] < 1.0, f"{warm['seconds']:.3f} s"))
+    small = row("real x1", "cold, tokenizer given, 1 process")
+    ok = one["peak_rss_mb"] <= rss_bound_mb and one["peak_rss_mb"] <= small["peak_rss_mb"] + RSS_SLACK_MB
+    checks.append(
+        (f"{big}: peak RSS <= {rss_bound_mb:.0f} MB and <= real x1 + {RSS_SLACK_MB:.0f} MB (tokenizer given)", ok,
+         f"{one['peak_rss_mb']:.0f} MB vs {small['peak_rss_mb']:.0f} MB")
+    )  # fmt: skip
+    small_t = next((r for r in results["real x1"] if r["step"] == "cold, tokenizer trained"), None)
+    big_t = next((r for r in results[big] if r["step"] == "cold, tokenizer trained"), None)
+    if small_t is not None and big_t is not None:
+        checks.append(
+            (f"{big}: peak RSS <= real x1 + {RSS_SLACK_MB:.0f} MB (tokenizer trained)",
+             big_t["peak_rss_mb"] <= small_t["peak_rss_mb"] + RSS_SLACK_MB,
+             f"{big_t['peak_rss_mb']:.0f} MB vs {small_t['peak_rss_mb']:.0f} MB")
+        )  # fmt: skip
+    return checks
 
 
 if __name__ == "__main__":

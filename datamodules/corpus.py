@@ -39,6 +39,7 @@ from tokenizers import Tokenizer
 from datamodules.cache import PIPELINE_VERSION, cache_key, checksums, damaged, lock, meta_digest, write_json
 from datamodules.cleaning import normalize_rules
 from datamodules.corpus_report import build_report
+from datamodules.engine import check, run_tasks, scope
 from datamodules.filecache import (
     FILES_DIR,
     FileEntry,
@@ -49,7 +50,6 @@ from datamodules.filecache import (
     prepare_file,
     processes,
     progress,
-    run_tasks,
 )
 from datamodules.merge import Merged, merge
 from datamodules.shards import ShardIndex, TokenShards, shards_intact, token_dtype
@@ -66,7 +66,7 @@ TOKEN_COUNTS = "token_counts.npy"  # not part of meta.json: entries without it (
 @dataclass
 class CorpusSettings:
     """Everything that decides what :func:`prepare_corpus` produces (besides the input files' bytes), plus
-    ``num_proc``, which decides only how fast.
+    ``num_proc`` and ``engine``, which decide only how fast (and are in no cache key).
 
     ``val_paths`` (None: ``val_fraction`` of ``paths``'s documents) are the val split's own sources, read and
     cleaned like ``paths``; ``paths`` may then be empty, for a corpus with a val split only (evaluation).
@@ -82,6 +82,7 @@ class CorpusSettings:
     val_fraction: float = 0.05
     seed: int = 1234
     num_proc: int | None = None  # cleaning and encoding processes; None: automatic (see filecache.processes)
+    engine: str = "local"  # where the per-file steps run: "local" processes or "ray" tasks (datamodules.engine)
     val_paths: Sequence[str] | None = None  # the val split's files; None: val_fraction of the documents of paths
     where: str = "data"  # the config node these settings come from, named in errors ("data.sources.web")
     cleaning_rules: list[dict[str, Any]] = field(init=False)
@@ -92,6 +93,7 @@ class CorpusSettings:
         if not self.paths and not self.val_paths:
             raise DataError(f"{self.where}.paths is empty: give files, directories or globs")
         self.cleaning_rules = normalize_rules(self.cleaning)
+        check(self.engine)
 
 
 @dataclass
@@ -116,6 +118,7 @@ class PackedCorpus:
         return TokenShards(self.shards(split), self.dtype)
 
 
+@scope()  # a Ray started for the build is shut down after it
 def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCorpus:
     """Build the corpus described by ``settings`` under ``cache_dir``, or load it if already built."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):
@@ -226,7 +229,8 @@ def clean_and_split(
         sets.append(_SourceSet("val_paths", settings.val_paths or [], val_files, list(val_skipped)))
     files_dir = out_dir.parent / FILES_DIR
     files_dir.mkdir(exist_ok=True)
-    entries, counts = _prepare_files([p for s in sets for p in s.files], spec, files_dir, settings.num_proc)
+    paths = [p for s in sets for p in s.files]
+    entries, counts = _prepare_files(paths, spec, files_dir, settings.num_proc, settings.engine)
     for s in sets:
         s.merged = merge([entries[p] for p in s.files], settings.cleaning_rules, s.skipped)
         s.check(settings)
@@ -242,7 +246,7 @@ def clean_and_split(
 
 
 def _prepare_files(
-    paths: list[Path], spec: FileSpec, files_dir: Path, num_proc: int | None
+    paths: list[Path], spec: FileSpec, files_dir: Path, num_proc: int | None, engine: str
 ) -> tuple[dict[Path, FileEntry], dict[str, int]]:
     """Every file's entry, built where missing (one task per file); and what was done."""
     for stale in files_dir.glob("*.tmp-*"):  # left by a killed build: we hold the cache lock
@@ -254,7 +258,7 @@ def _prepare_files(
     n_proc = processes(num_proc, len(todo), total)
     with progress(total, "reading and cleaning") as bar:
         tasks = [(str(p), spec, str(files_dir), keys[p]) for p in todo]
-        n_proc = run_tasks(prepare_file, tasks, n_proc, lambda i, _: bar.update(todo[i].stat().st_size))
+        n_proc = run_tasks(prepare_file, tasks, n_proc, lambda i, _: bar.update(todo[i].stat().st_size), engine)
     entries = {}
     for p in unique:
         entry = load_entry(files_dir / keys[p])
@@ -272,7 +276,7 @@ def pack(
     t0 = time.perf_counter()
     dtype = token_dtype(tok_info["vocab_size"])
     index, n_proc, counts, encoded = encode_to_shards(
-        cleaned.spool, cleaned.is_val, tok, tok_info, dtype, settings.num_proc, out_dir
+        cleaned.spool, cleaned.is_val, tok, tok_info, dtype, settings.num_proc, out_dir, settings.engine
     )
     np.save(out_dir / TOKEN_COUNTS, counts)
     text_bytes = int(cleaned.spool.sizes_array().sum())

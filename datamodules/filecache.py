@@ -1,6 +1,7 @@
 """Per-file entries of the data cache: one input file read, cleaned by the per-document rules and summarised once,
-then its token ids once per tokenizer. They are the unit that worker processes prepare in parallel, and what makes
-a rebuild incremental: a corpus of 100 files with one changed re-reads, re-cleans and re-encodes that one file.
+then its token ids once per tokenizer. They are the unit that worker processes or Ray tasks prepare in parallel
+(:mod:`datamodules.engine`), and what makes a rebuild incremental: a corpus of 100 files with one changed re-reads,
+re-cleans and re-encodes that one file.
 
 An entry lives in ``cache_dir/files/<key>/``, the key hashing the file's bytes and every setting that changes what
 this step produces from them (reading, ``text_field``, ``split_paragraphs``, the per-document cleaning rules and,
@@ -24,15 +25,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +44,6 @@ from datamodules.cleaning import STATEFUL_FILTERS, Cleaner, NearDedup
 from datamodules.encoding import ENCODE_BATCH_BYTES, available_cpus, encode_with_lengths
 from datamodules.sources import DataError, SourceStats, file_format, read_file
 from datamodules.spool import Spool, chunks, read_docs
-
-logger = logging.getLogger(__name__)
 
 FILE_VERSION = 1  # bump when what an entry holds for given input bytes and settings changes
 FILES_DIR = "files"
@@ -281,7 +276,7 @@ def _tokenizer(path: str) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Running the per-file steps: in this process, or in worker processes
+# How many processes run the per-file steps (where they run: datamodules.engine)
 
 
 def processes(num_proc: int | None, n_files: int, total_bytes: int) -> int:
@@ -295,35 +290,6 @@ def processes(num_proc: int | None, n_files: int, total_bytes: int) -> int:
     if total_bytes < POOL_MIN_BYTES or n_files < 2:
         return 1
     return max(1, min(available_cpus(), n_files))
-
-
-def _init_worker() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
-
-
-def run_tasks(fn: Callable[..., Any], tasks: Sequence[tuple], n_proc: int, done: Callable[[int, Any], None]) -> int:
-    """``fn(*task)`` for every task, in ``n_proc`` worker processes (spawned) or in this process; ``done(i, result)``
-    is called as each finishes. Returns the processes used: 1 if the workers broke (a script without the
-    ``if __name__ == "__main__":`` guard that spawn needs, a worker killed for memory) and this process did the rest."""
-    left = list(range(len(tasks)))
-    if n_proc > 1 and len(tasks) > 1:
-        ctx = multiprocessing.get_context("spawn")  # not fork: the tokenizer's Rust threads may hold locks
-        try:
-            with ProcessPoolExecutor(n_proc, mp_context=ctx, initializer=_init_worker) as pool:
-                futures = {i: pool.submit(fn, *tasks[i]) for i in left}
-                for i in list(left):
-                    done(i, futures[i].result())
-                    left.remove(i)
-            return n_proc
-        except (BrokenProcessPool, BrokenPipeError) as e:
-            logger.warning(
-                "data: worker processes failed (%s); preparing the files in this process instead. A script that "
-                'prepares data with data.num_proc > 1 needs the `if __name__ == "__main__":` guard.',
-                type(e).__name__,
-            )
-    for i in left:
-        done(i, fn(*tasks[i]))
-    return 1
 
 
 def progress(total: int | None, desc: str, unit: str = "B") -> tqdm:

@@ -104,6 +104,7 @@ class MixtureDataModule(PretrainDataModule):
         cache_dir: str = ".cache/data",
         pin_memory: bool = True,
         num_proc: int | None = None,
+        engine: str = "local",
         train: bool = True,
         document_mask: bool = False,
     ) -> None:
@@ -123,6 +124,7 @@ class MixtureDataModule(PretrainDataModule):
             cache_dir=cache_dir,
             pin_memory=pin_memory,
             num_proc=num_proc,
+            engine=engine,
             train=train,
             document_mask=document_mask,
         )
@@ -160,6 +162,7 @@ class MixtureDataModule(PretrainDataModule):
                 val_fraction=self.val_fraction,
                 seed=self.seed,
                 num_proc=self.num_proc,
+                engine=self.engine,
                 val_paths=spec.val_paths,
                 where=f"data.sources.{name}",
             )

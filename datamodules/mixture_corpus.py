@@ -40,11 +40,13 @@ from datamodules.corpus import (
     prepare_corpus,
     train_documents,
 )
+from datamodules.engine import scope
 from datamodules.tokenizer import special_ids, train_tokenizer
 
 TOKENIZER_INFO = "tokenizer_info.json"
 
 
+@scope()  # one Ray start (with data.engine=ray) for every source's build
 def prepare_sources(sources: Sequence[tuple[str, CorpusSettings]], cache_dir: str | Path) -> dict[str, PackedCorpus]:
     """Every ``(name, settings)`` source prepared into ``cache_dir`` (or loaded), tokenized alike. The settings'
     ``tokenizer`` is the shared one when given (the same in all), else None in all (trained here)."""

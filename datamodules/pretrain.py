@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import PreparedDataModule
 from datamodules.corpus import CorpusSettings, PackedCorpus, prepare_corpus
 from datamodules.dataset import EvenWindows, TokenWindows, WindowSampler
+from datamodules.engine import check
 from datamodules.order import ResumableOrder, own_generator
 from datamodules.sources import EMBEDDED_CORPUS, DataError
 from datamodules.tokenizer import special_ids
@@ -66,6 +67,9 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         pin_memory: pin batches in memory (only when CUDA is available).
         num_proc: processes that clean and encode the corpus, one file per task; None decides by its size and the cores (see
             :func:`datamodules.filecache.processes`). Changes the speed only, never the result.
+        engine: where the per-file steps (reading and cleaning, encoding) run: ``"local"``, processes on this
+            machine; ``"ray"``, Ray tasks on a local Ray, or on the cluster ``RAY_ADDRESS`` names (see
+            :mod:`datamodules.engine`). Changes the speed only, never the result or the cache entry.
         train: False for evaluation only (``experiment=eval`` sets it): no train split is required, and with
             ``val_paths`` ``paths`` is not read at all (the tokenizer must then be given). A training run
             refuses it.
@@ -96,6 +100,7 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         cache_dir: str = ".cache/data",
         pin_memory: bool = True,
         num_proc: int | None = None,
+        engine: str = "local",
         val_paths: list[str] | None = None,
         train: bool = True,
         document_mask: bool = False,
@@ -124,6 +129,7 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         self.cache_dir = str(cache_dir)
         self.pin_memory = bool(pin_memory)
         self.num_proc = None if num_proc is None else int(num_proc)
+        self.engine = check(engine)
         self.val_paths: list[str] | None = val_paths
         self.train = bool(train)
         self.document_mask = bool(document_mask)  # batch-time only: not a setting of the prepared corpus
@@ -153,6 +159,7 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
             val_fraction=self.val_fraction,
             seed=self.seed,
             num_proc=self.num_proc,
+            engine=self.engine,
             val_paths=self.val_paths,
         )
         corpus = prepare_corpus(settings, self.cache_dir)

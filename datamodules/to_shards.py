@@ -1,8 +1,8 @@
 """The prepared corpus's last step: the kept documents' token ids, from their files' entries, into the split shards.
 
 Each file's entry (:mod:`datamodules.filecache`) is encoded once per tokenizer, in worker processes for a large
-corpus; its ids are then copied, in the files' order, into the train or val shards as the split says of each
-document, counting the train split's token ids on the way (``token_counts.npy``).
+corpus or as Ray tasks (:mod:`datamodules.engine`); its ids are then copied, in the files' order, into the train or
+val shards as the split says of each document, counting the train split's token ids on the way (``token_counts.npy``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from datamodules.filecache import FileEntry, encode_entry, processes, progress, run_tasks, tokenizer_key
+from datamodules.engine import run_tasks
+from datamodules.filecache import FileEntry, encode_entry, processes, progress, tokenizer_key
 from datamodules.shards import ShardIndex, ShardWriter
 
 SPLITS = ("train", "val")
@@ -45,6 +46,7 @@ def encode_to_shards(
     dtype: np.dtype,
     num_proc: int | None,
     out_dir: Path,
+    engine: str = "local",
 ) -> tuple[dict[str, ShardIndex], int, np.ndarray, int]:
     """Encode -> shards: every file's entry encoded with ``tok`` (where not yet), then the kept documents' ids
     copied into their split's shards in order. Returns the index, the encoding processes, the train split's token
@@ -59,7 +61,7 @@ def encode_to_shards(
     n_proc = processes(num_proc, len(todo), total)
     with progress(total, "encoding") as bar:
         tasks = [(str(e.dir), str(tok_file), tok_key, bos_id, eos_id, dtype.str) for e in todo]
-        n_proc = run_tasks(encode_entry, tasks, n_proc, lambda i, _: bar.update(int(todo[i].sizes.sum())))
+        n_proc = run_tasks(encode_entry, tasks, n_proc, lambda i, _: bar.update(int(todo[i].sizes.sum())), engine)
     writers = {split: ShardWriter(out_dir, split) for split in SPLITS}
     counts = np.zeros(tok_info["vocab_size"], dtype=np.int64)
     start = 0  # position of the part's first kept document in is_val

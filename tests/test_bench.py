@@ -57,7 +57,8 @@ RUNS = {
         "--reference",
         "tiny:128",
     ],
-    "data": ["bench/data.py", "--quick", "--repeats", "1", "--copies", "3"],
+    "data": ["bench/data.py", "--quick", "--repeats", "1", "--copies", "3", "--files", "20"],
+    "tokenizer_sample": ["bench/tokenizer_sample.py", "--vocab", "512", "--samples-mb", "0.5", "--scale-mb"],
     "sft_packing": ["bench/sft_packing.py", "--steps", "1", "--warmup", "1", "--rounds", "1", "--chat-examples", "200"],
     "document_mask": ["bench/document_mask.py", "--steps", "2", "--warmup", "1", "--no-attention"],
     "attention": ["bench/attention.py", "--steps", "2", "--warmup", "1", "--calls", "2"],
@@ -89,7 +90,7 @@ def test_bench_script_runs(name, tmp_path):
     if name == "data":  # exit 1 means a speed or memory check missed: a figure for the README, not a test failure
         assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
         checks = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-        assert len(checks) == 4, proc.stdout[-3000:]
+        assert len(checks) == 5, proc.stdout[-3000:]
     else:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "|" in proc.stdout  # printed its table
