@@ -315,8 +315,9 @@ def main() -> None:
                 "inputs": str(real),
             }
             res += best([job], args.repeats)
-        warm_cache = (trained[0] if name == "embedded" else res[-1])["cache_dir"]
         warm_settings = settings if name == "embedded" or not args.quick else given
+        warm_step = "cold, tokenizer " + ("trained" if warm_settings is settings else "given, 1 process")
+        warm_cache = (trained[0] if name == "embedded" else next(r for r in res if r["step"] == warm_step))["cache_dir"]
         res += best([{"kind": "warm", "settings": warm_settings, "cache_dir": warm_cache}], args.repeats)
         results[name] += res
 

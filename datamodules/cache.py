@@ -25,12 +25,38 @@ PIPELINE_VERSION = 3  # 2: BOS before every document; 3: sharded arrays, binary 
 
 
 def hash_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """BLAKE2b of the file's bytes, read in chunks."""
+    """BLAKE2b of the file's bytes, read in chunks; inside :func:`hashes_remembered`, once per file as it is (device,
+    inode, size, modification time)."""
+    stamp = None
+    if _HASHES is not None:
+        st = os.stat(path)
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if (known := _HASHES.get(stamp)) is not None:
+            return known
     h = hashlib.blake2b(digest_size=20)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    if stamp is not None and _HASHES is not None:
+        _HASHES[stamp] = h.hexdigest()
     return h.hexdigest()
+
+
+_HASHES: dict[tuple, str] | None = None
+
+
+@contextlib.contextmanager
+def hashes_remembered() -> Iterator[None]:
+    """Within one build, each input is hashed once, not twice (the corpus's key, then its file's entry's key): on a
+    large corpus that is the longest step done in one process. Only within: a file rewritten later, within the
+    modification time's granularity and at the same size, must still be hashed again."""
+    global _HASHES
+    outer = _HASHES
+    _HASHES = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _HASHES = outer
 
 
 def _inputs(files: Sequence[Path]) -> list[dict[str, str]]:

@@ -36,7 +36,16 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from datamodules.cache import PIPELINE_VERSION, cache_key, checksums, damaged, lock, meta_digest, write_json
+from datamodules.cache import (
+    PIPELINE_VERSION,
+    cache_key,
+    checksums,
+    damaged,
+    hashes_remembered,
+    lock,
+    meta_digest,
+    write_json,
+)
 from datamodules.cleaning import normalize_rules
 from datamodules.corpus_report import build_report
 from datamodules.engine import check, run_tasks, scope
@@ -55,7 +64,7 @@ from datamodules.merge import Merged, merge
 from datamodules.shards import ShardIndex, TokenShards, shards_intact, token_dtype
 from datamodules.sources import DataError, SourceStats, find_files, unread
 from datamodules.to_shards import KeptDocs, encode_to_shards
-from datamodules.tokenizer import load_tokenizer, special_ids, train_tokenizer
+from datamodules.tokenizer import TOKENIZER_SAMPLE_BYTES, load_tokenizer, special_ids, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +87,7 @@ class CorpusSettings:
     cleaning: list[dict[str, Any]] | None = None  # None: cleaning.DEFAULT_RULES
     tokenizer: str | None = None  # a tokenizer.json (or a directory holding one) to load; None: train one
     vocab_size: int = 4096
-    tokenizer_sample_bytes: int | None = None
+    tokenizer_sample_bytes: int | None = TOKENIZER_SAMPLE_BYTES
     val_fraction: float = 0.05
     seed: int = 1234
     num_proc: int | None = None  # cleaning and encoding processes; None: automatic (see filecache.processes)
@@ -128,6 +137,11 @@ def prepare_corpus(settings: CorpusSettings, cache_dir: str | Path) -> PackedCor
             "prepare_corpus() called while a worker process starts: guard the calling script with "
             '`if __name__ == "__main__":`'
         )
+    with hashes_remembered():
+        return _prepare(settings, cache_dir)
+
+
+def _prepare(settings: CorpusSettings, cache_dir: str | Path) -> PackedCorpus:
     t0 = time.perf_counter()
     files, skipped, val_files, val_skipped = find_inputs(settings)
     key = cache_key(files, settings, val_files)

@@ -32,7 +32,7 @@ from datamodules.mixing import MixturePlan, MixtureSampler, SourceWindows, train
 from datamodules.mixture_corpus import prepare_sources
 from datamodules.pretrain import PretrainDataModule, _plain
 from datamodules.sources import DataError
-from datamodules.tokenizer import special_ids
+from datamodules.tokenizer import TOKENIZER_SAMPLE_BYTES, special_ids
 
 
 @dataclass
@@ -97,7 +97,7 @@ class MixtureDataModule(PretrainDataModule):
         num_workers: int = 0,
         tokenizer: str | None = None,
         vocab_size: int = 4096,
-        tokenizer_sample_bytes: int | None = None,
+        tokenizer_sample_bytes: int | None = TOKENIZER_SAMPLE_BYTES,
         val_fraction: float = 0.05,
         seed: int = 1234,
         cleaning: list[dict] | None = None,

@@ -28,7 +28,7 @@ from datamodules.dataset import EvenWindows, TokenWindows, WindowSampler
 from datamodules.engine import check
 from datamodules.order import ResumableOrder, own_generator
 from datamodules.sources import EMBEDDED_CORPUS, DataError
-from datamodules.tokenizer import special_ids
+from datamodules.tokenizer import TOKENIZER_SAMPLE_BYTES, special_ids
 
 
 def _plain(value: Any) -> Any:
@@ -55,7 +55,8 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         tokenizer: a ``tokenizer.json`` to use (or a directory holding one, such as a Hugging Face model
             directory); None trains a byte-level BPE on the corpus.
         vocab_size: size of the trained tokenizer's vocabulary.
-        tokenizer_sample_bytes: train the tokenizer on about this many bytes of text (None: all).
+        tokenizer_sample_bytes: train the tokenizer on a seeded sample of about this many bytes of the train
+            documents when they hold more (None: all of them).
         val_fraction: fraction of the documents held out for validation (unused with ``val_paths``).
         val_paths: files, directories or globs of the val split, read and cleaned as ``paths`` are; None to
             hold out ``val_fraction`` of the documents of ``paths``. With them, no document of ``paths`` is held
@@ -93,7 +94,7 @@ class PretrainDataModule(ResumableOrder, PreparedDataModule):
         num_workers: int = 0,
         tokenizer: str | None = None,
         vocab_size: int = 4096,
-        tokenizer_sample_bytes: int | None = None,
+        tokenizer_sample_bytes: int | None = TOKENIZER_SAMPLE_BYTES,
         val_fraction: float = 0.05,
         seed: int = 1234,
         cleaning: list[dict] | None = None,
