@@ -293,7 +293,7 @@ def pack(
         cleaned.spool, cleaned.is_val, tok, tok_info, dtype, settings.num_proc, out_dir, settings.engine
     )
     np.save(out_dir / TOKEN_COUNTS, counts)
-    text_bytes = int(cleaned.spool.sizes_array().sum())
+    text_bytes = cleaned.spool.total_bytes()
     timings = {**cleaned.timings, "encode_and_pack": round(time.perf_counter() - t0, 3)}
 
     report = build_report(
@@ -361,7 +361,9 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
         )
     n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
     is_val = np.zeros(n_docs, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    order = np.arange(n_docs, dtype=np.int32 if n_docs < 2**31 else np.int64)  # permutation(n_docs), in half the memory
+    np.random.default_rng(seed).shuffle(order)
+    is_val[order[:n_val]] = True
     return is_val
 
 
@@ -391,19 +393,17 @@ def train_documents(
 ) -> Iterator[str]:
     """The train documents for tokenizer training; with ``sample_bytes``, a seeded random subset of about that
     many bytes spread over the whole corpus rather than its first files. Adds the bytes given to ``used[0]``."""
-    sizes = spool.sizes_array()
     keep_p = 1.0
     if sample_bytes is not None:
-        total = int(sizes[~is_val].sum())
-        keep_p = min(1.0, sample_bytes / max(total, 1))
+        keep_p = min(1.0, sample_bytes / max(spool.total_bytes(~is_val), 1))
     rng = np.random.default_rng(seed + 1)
-    for i, doc in enumerate(spool.docs()):
-        if is_val[i]:
-            continue
-        if keep_p < 1.0 and rng.random() >= keep_p:
-            continue
-        used[0] += int(sizes[i])
-        yield doc
+    i = 0
+    for (entry, keep), sizes in zip(spool.parts, spool.sizes()):  # a file at a time: memory stays bounded
+        for size, doc in zip(sizes.tolist(), entry.docs(keep)):
+            if not is_val[i] and (keep_p >= 1.0 or rng.random() < keep_p):
+                used[0] += size
+                yield doc
+            i += 1
 
 
 # ---------------------------------------------------------------------------------------------------------

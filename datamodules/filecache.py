@@ -121,13 +121,32 @@ def digest(doc: str) -> int:
 
 @dataclasses.dataclass
 class FileEntry:
-    """A prepared file: its spooled documents and their summaries (loaded from ``dir``)."""
+    """A prepared file: its spooled documents and their summaries, in ``dir``. The per-document arrays are read
+    from disk at each use, not kept: a build holds every file's entry at once, and the driver's memory must not grow
+    with the corpus (24 bytes a document would be 50 MB a GB of text)."""
 
     dir: Path
     summary: dict[str, Any]
-    sizes: np.ndarray  # (docs,) int64 UTF-8 bytes
-    chars: np.ndarray  # (docs,) int64 characters
-    digests: np.ndarray  # (docs,) uint64
+    n_docs: int
+
+    def _array(self, name: str) -> np.ndarray:
+        with np.load(self.dir / "docs.npz") as z:
+            return z[name]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(docs,) int64: each document's UTF-8 bytes."""
+        return self._array("sizes")
+
+    @property
+    def chars(self) -> np.ndarray:
+        """(docs,) int64: each document's characters."""
+        return self._array("chars")
+
+    @property
+    def digests(self) -> np.ndarray:
+        """(docs,) uint64: each document's content hash (exact dedup's)."""
+        return self._array("digests")
 
     @property
     def spool(self) -> Path:
@@ -139,18 +158,20 @@ class FileEntry:
 
     def docs(self, which: np.ndarray | None = None) -> Iterator[str]:
         """The spooled documents in order; with ``which`` (bool, one per document), only those marked."""
+        sizes = self.sizes
         with open(self.spool, "rb") as f:
-            for first, end, offset in chunks(self.sizes, 1 << 18):
+            for first, end, offset in chunks(sizes, 1 << 18):
                 sel = None if which is None else which[first:end]
                 if sel is not None and not sel.any():
                     continue
-                for j, doc in enumerate(read_docs(f, offset, self.sizes[first:end])):
+                for j, doc in enumerate(read_docs(f, offset, sizes[first:end])):
                     if sel is None or sel[j]:
                         yield doc
 
     def doc(self, i: int) -> str:
+        sizes = self.sizes
         with open(self.spool, "rb") as f:
-            return read_docs(f, int(self.sizes[:i].sum()), self.sizes[i : i + 1])[0]
+            return read_docs(f, int(sizes[:i].sum()), sizes[i : i + 1])[0]
 
     def token_ids(self, tok_key: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
         """``(ids, lens)``: the documents' token ids back to back (memory-mapped) and each one's count, or None if
@@ -159,7 +180,7 @@ class FileEntry:
         try:
             lens = np.load(lens_path)
             n = int(lens.sum())
-            if lens.shape != self.sizes.shape or ids_path.stat().st_size != n * dtype.itemsize:
+            if lens.shape != (self.n_docs,) or ids_path.stat().st_size != n * dtype.itemsize:
                 return None
         except (OSError, ValueError, EOFError):
             return None
@@ -174,12 +195,14 @@ def load_entry(entry_dir: Path) -> FileEntry | None:
         if not summary.get("complete"):
             return None
         with np.load(entry_dir / "docs.npz") as z:
-            sizes, chars, digests = z["sizes"], z["chars"], z["digests"]
+            sizes = z["sizes"]
+            if not len(sizes) == len(z["chars"]) == len(z["digests"]):
+                return None
         if (entry_dir / "docs.spool").stat().st_size != int(sizes.sum()):
             return None
     except (OSError, ValueError, KeyError, EOFError):
         return None
-    return FileEntry(entry_dir, summary, sizes, chars, digests)
+    return FileEntry(entry_dir, summary, len(sizes))
 
 
 def _build_entry(path: Path, spec: FileSpec, out: Path) -> None:
@@ -250,9 +273,10 @@ def encode_entry(entry_dir: str, tokenizer_path: str, tok_key: str, bos_id: int 
     tmp = ids_path.with_name(f"{ids_path.name}.tmp-{os.getpid()}")
     lens_tmp = entry.dir / f"lens-{tok_key}.tmp-{os.getpid()}.npy"
     try:
+        sizes = entry.sizes
         with open(entry.spool, "rb") as src, open(tmp, "wb") as dst:
-            for first, end, offset in chunks(entry.sizes, ENCODE_BATCH_BYTES):
-                docs = read_docs(src, offset, entry.sizes[first:end])
+            for first, end, offset in chunks(sizes, ENCODE_BATCH_BYTES):
+                docs = read_docs(src, offset, sizes[first:end])
                 arr, n = encode_with_lengths(tok, docs, bos_id, eos_id, dt)
                 dst.write(arr.tobytes())
                 lens.append(n)

@@ -25,8 +25,10 @@ from datamodules.cleaning import EXAMPLE_CHARS, MAX_EXAMPLES, STATEFUL_FILTERS
 from datamodules.filecache import FileEntry
 from datamodules.sources import SourceStats
 
-# Digests (8 bytes) and positions (8 bytes) of this many bytes are sorted in memory; more go through partitions.
-DEDUP_MEMORY_BYTES = 1 << 30
+# Digests (8 bytes) and positions (8 bytes) of this many bytes are sorted in memory (about 2.5x that at the peak);
+# more go through partitions on disk, each about this size: the driver's memory stays what it is for a small corpus.
+DEDUP_MEMORY_BYTES = 16 << 20
+MAX_PARTITION_BITS = 8  # at most 256 partitions (two open files each); beyond 4 GiB of digests they grow instead
 
 
 @dataclasses.dataclass
@@ -49,13 +51,13 @@ class Merged:
 
 def duplicates(digests: Sequence[np.ndarray], memory_bytes: int | None = None) -> np.ndarray:
     """Global positions (sorted) of the documents whose digest occurred at an earlier position; ``digests`` are
-    the files' arrays in order."""
+    the files' arrays in order (each may be read from disk as it is indexed: it is read twice, one at a time)."""
     budget = DEDUP_MEMORY_BYTES if memory_bytes is None else memory_bytes
     n = sum(len(d) for d in digests)
     if n * 16 <= budget:
-        flat = np.concatenate(digests) if digests else np.zeros(0, dtype=np.uint64)
+        flat = np.concatenate(list(digests)) if len(digests) else np.zeros(0, dtype=np.uint64)
         return _duplicates_in(flat, np.arange(n, dtype=np.int64))
-    bits = max(1, math.ceil(math.log2(n * 16 / budget)))
+    bits = min(MAX_PARTITION_BITS, max(1, math.ceil(math.log2(n * 16 / budget))))
     shift = np.uint64(64 - bits)
     found = []
     with tempfile.TemporaryDirectory(prefix="dedup-") as tmp:
@@ -94,19 +96,31 @@ def _duplicates_in(d: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def merge(entries: list[FileEntry], rules: Sequence[dict[str, Any]], skipped: Sequence[dict]) -> Merged:
     """Apply the corpus-wide rules of ``rules`` (the tail: dedup / near_dedup) over ``entries`` in order."""
     tail = [r for r in rules if r["name"] in STATEFUL_FILTERS]
-    keep = [np.ones(len(e.sizes), dtype=bool) for e in entries]
-    starts = np.cumsum([0] + [len(e.sizes) for e in entries])
-    dropped: dict[str, list[int]] = {r["name"]: [] for r in tail}  # global positions, ascending
+    keep = [np.ones(e.n_docs, dtype=bool) for e in entries]
+    starts = np.cumsum([0] + [e.n_docs for e in entries])
+    dropped: dict[str, np.ndarray] = {}  # per rule, the global positions it dropped, ascending
     if [r["name"] for r in tail] == ["dedup"]:
-        dropped["dedup"] = duplicates([e.digests for e in entries]).tolist()
+        dropped["dedup"] = duplicates(_Digests(entries))
     elif tail:
-        dropped = _sequential(entries, tail)
-    for positions in dropped.values():
-        g = np.asarray(positions, dtype=np.int64)
+        dropped = {name: np.asarray(g, dtype=np.int64) for name, g in _sequential(entries, tail).items()}
+    for g in dropped.values():
         f = np.searchsorted(starts, g, side="right") - 1  # the file of each position
         for i in np.unique(f).tolist():
             keep[i][g[f == i] - starts[i]] = False
     return Merged(entries, keep, _stats(entries, skipped), _cleaning(entries, keep, rules, dropped, starts))
+
+
+class _Digests(Sequence[np.ndarray]):
+    """The files' digests, read from their entries as they are indexed: never all in memory at once."""
+
+    def __init__(self, entries: list[FileEntry]) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.entries[i].digests
 
 
 def _sequential(entries: list[FileEntry], tail: list[dict[str, Any]]) -> dict[str, list[int]]:
@@ -139,8 +153,8 @@ def _stats(entries: list[FileEntry], skipped: Sequence[dict]) -> SourceStats:
     return total
 
 
-def _examples(entries: list[FileEntry], starts: np.ndarray, positions: list[int]) -> Iterator[str]:
-    for g in positions[:MAX_EXAMPLES]:
+def _examples(entries: list[FileEntry], starts: np.ndarray, positions: np.ndarray) -> Iterator[str]:
+    for g in positions[:MAX_EXAMPLES].tolist():
         f = int(np.searchsorted(starts, g, side="right")) - 1
         text = entries[f].doc(int(g - starts[f]))
         yield text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + "..."
@@ -150,7 +164,7 @@ def _cleaning(
     entries: list[FileEntry],
     keep: list[np.ndarray],
     rules: Sequence[dict[str, Any]],
-    dropped: dict[str, list[int]],
+    dropped: dict[str, np.ndarray],
     starts: np.ndarray,
 ) -> dict[str, Any]:
     """The set's cleaning report: the files' per-document counts added up, the corpus-wide rules' own."""

@@ -147,7 +147,7 @@ def _train_shared(
     """The tokenizer trained on the train documents of every source (a proportional sample with
     ``tokenizer_sample_bytes``); and what the report says of it."""
     sample = first.tokenizer_sample_bytes
-    train_bytes = {n: int(c.spool.sizes_array()[~c.is_val].sum()) for n, c in cleaned.items()}
+    train_bytes = {n: c.spool.total_bytes(~c.is_val) for n, c in cleaned.items()}
     total = max(sum(train_bytes.values()), 1)
     used = [0]
 

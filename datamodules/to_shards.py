@@ -28,10 +28,19 @@ class KeptDocs:
     def __init__(self, parts: list[tuple[FileEntry, np.ndarray]]) -> None:
         self.parts = parts  # (entry, keep mask) in order
 
-    def sizes_array(self) -> np.ndarray:
-        """The kept documents' sizes in bytes, in order."""
-        sizes = [e.sizes[k] for e, k in self.parts]
-        return np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
+    def sizes(self) -> Iterator[np.ndarray]:
+        """Per part, its kept documents' sizes in bytes (read from the entry: the parts' arrays are never all in
+        memory at once)."""
+        for e, k in self.parts:
+            yield e.sizes[k]
+
+    def total_bytes(self, mask: np.ndarray | None = None) -> int:
+        """The kept documents' bytes; with ``mask`` (bool, one per kept document), those it marks only."""
+        total, start = 0, 0
+        for sizes in self.sizes():
+            total += int(sizes.sum() if mask is None else sizes[mask[start : start + len(sizes)]].sum())
+            start += len(sizes)
+        return total
 
     def docs(self) -> Iterator[str]:
         for e, k in self.parts:
@@ -85,7 +94,7 @@ def encode_to_shards(
     return {split: w.close() for split, w in writers.items()}, n_proc, counts, len(todo)
 
 
-COPY_TOKENS = 1 << 24  # tokens copied from the files' ids into the shards at a time
+COPY_TOKENS = 1 << 20  # tokens copied from the files' ids into the shards at a time
 
 
 def _runs(ends: np.ndarray, max_tokens: int) -> Iterator[tuple[int, int]]:
