@@ -27,8 +27,8 @@ from datamodules.sources import SourceStats
 
 # Digests (8 bytes) and positions (8 bytes) of this many bytes are sorted in memory (about 2.5x that at the peak);
 # more go through partitions on disk, each about this size: the driver's memory stays what it is for a small corpus.
-DEDUP_MEMORY_BYTES = 16 << 20
-MAX_PARTITION_BITS = 8  # at most 256 partitions (two open files each); beyond 4 GiB of digests they grow instead
+DEDUP_MEMORY_BYTES = 8 << 20
+MAX_PARTITION_BITS = 8  # at most 256 partitions (two open files each); beyond 2 GiB of digests they grow instead
 
 
 @dataclasses.dataclass

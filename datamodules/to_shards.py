@@ -77,20 +77,22 @@ def encode_to_shards(
     for entry, keep in kept.parts:
         found = entry.token_ids(tok_key, dtype)
         assert found is not None
-        ids, lens = found
+        lens = found[1]
+        del found  # read below, not memory-mapped: a mapping's pages count in this process's memory until unmapped
         split = np.full(len(keep), -1, dtype=np.int8)  # per document: -1 dropped, 0 train, 1 val
         n_kept = int(keep.sum())
         split[keep] = is_val[start : start + n_kept]
         start += n_kept
         ends = np.cumsum(lens)
-        for first, end in _runs(ends, COPY_TOKENS):  # a run of documents at a time: memory stays bounded
-            base = int(ends[first - 1]) if first else 0
-            tokens = np.asarray(ids[base : int(ends[end - 1])])
-            per_token = np.repeat(split[first:end], lens[first:end])
-            train = tokens[per_token == 0]
-            np.add(counts, np.bincount(train, minlength=len(counts)), out=counts)
-            writers["train"].write(train)
-            writers["val"].write(tokens[per_token == 1])
+        with open(entry.dir / f"ids-{tok_key}.bin", "rb") as f:
+            for first, end in _runs(ends, COPY_TOKENS):  # a run of documents at a time: memory stays bounded
+                base = int(ends[first - 1]) if first else 0
+                tokens = np.fromfile(f, dtype=dtype, count=int(ends[end - 1]) - base)  # the runs are consecutive
+                per_token = np.repeat(split[first:end], lens[first:end])
+                train = tokens[per_token == 0]
+                np.add(counts, np.bincount(train, minlength=len(counts)), out=counts)
+                writers["train"].write(train)
+                writers["val"].write(tokens[per_token == 1])
     return {split: w.close() for split, w in writers.items()}, n_proc, counts, len(todo)
 
 
