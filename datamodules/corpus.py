@@ -2,13 +2,15 @@
 
 One call of :func:`prepare_corpus` runs the pipeline, each step handing its output to the next:
 
-1. sources -> cleaning: read and clean every document, spooling the kept ones to disk (memory stays bounded);
+1. sources -> cleaning: every file read and cleaned by the per-document rules into its own entry under
+   ``cache_dir/files/`` (:mod:`datamodules.filecache`; only the files without one, in worker processes or Ray tasks
+   for a large corpus), then ``dedup`` / ``near_dedup`` over all files' summaries (:mod:`datamodules.merge`);
    with ``val_paths``, their documents too (after the train ones, cleaned by the same rules with their own state);
 2. split the documents into train and val with a seeded permutation (by document, never inside one), or, with
    ``val_paths``, val is exactly their documents and train all of ``paths``'s;
 3. tokenizer: train it on the train documents (or load the configured one);
-4. encode -> shards: every document as ``BOS document EOS`` (:mod:`datamodules.encoding`), appended to its
-   split's shards (:mod:`datamodules.shards`).
+4. encode -> shards: every file's kept documents as ``BOS document EOS``, once per tokenizer in its entry, then
+   copied into its split's shards (:mod:`datamodules.to_shards`, :mod:`datamodules.shards`).
 
 The result lives in ``cache_dir/<key>/``: ``tokenizer.json``, the shards, ``token_counts.npy`` (how often each
 token id occurs in the train split, counted while the shards are written), ``report.json`` and ``meta.json``
