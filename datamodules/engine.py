@@ -25,6 +25,8 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -103,6 +105,26 @@ def _local_tasks(fn: Callable[..., Any], tasks: Sequence[tuple], n_proc: int, do
 
 _depth = [0]  # scopes entered
 _started = [False]  # whether a Ray running now was started by us (and so is ours to shut down)
+_handlers: dict[int, Any] = {}  # the signal handlers before our ray.init, put back at its shutdown
+
+
+@contextlib.contextmanager
+def signals_kept() -> Iterator[None]:
+    """Around ``ray.init``: it installs its own SIGTERM handler (which exits the process) and leaves it after
+    ``ray.shutdown``; a training run's handler chains to the one it found, so a later SIGTERM would then end the
+    run instead of saving a checkpoint. The handlers found are put back once Ray is shut down."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        _handlers.update(before)
+
+
+def _restore_signals() -> None:
+    for s, handler in _handlers.items():
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(s, handler)
+    _handlers.clear()
 
 
 @contextlib.contextmanager
@@ -119,6 +141,7 @@ def scope() -> Iterator[None]:
             import ray
 
             ray.shutdown()
+            _restore_signals()
 
 
 def _ray() -> Any:
@@ -127,10 +150,11 @@ def _ray() -> Any:
     except ImportError:
         raise DataError(_NO_RAY.format(key="data.engine")) from None
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(include_dashboard=False)  # the cluster there (ray.init reads RAY_ADDRESS)
-        else:  # "local": a new Ray, not one that `ray start` left running on this machine
-            ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False)
+        with signals_kept():
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(include_dashboard=False)  # the cluster there (ray.init reads RAY_ADDRESS)
+            else:  # "local": a new Ray, not one that `ray start` left running on this machine
+                ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False)
         _started[0] = True
     return ray
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -38,11 +39,14 @@ def ray_cluster():
     ray = pytest.importorskip("ray", reason=RAY_REASON)
     if ray.is_initialized():
         pytest.skip("Ray is already initialised in this process")
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        for s, handler in before.items():  # ray.init's SIGTERM handler would exit a later test's process
+            signal.signal(s, handler)
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +144,19 @@ def test_bad_file_is_the_same_one_line_error_under_ray(ray_cluster, corpus_dir, 
 
 
 def start_prepare(argv: list[str], cwd: Path, env: dict[str, str], no_ray: bool = False) -> subprocess.Popen:
-    """``python -m llm.prepare *argv`` as a user runs it; then, that it left no Ray connection or instance behind.
-    ``no_ray``: as if Ray were not installed."""
-    before = "sys.modules['ray'] = None" if no_ray else ""
-    after = "" if no_ray else "import ray\nassert not ray.is_initialized(), 'Ray left running'"
+    """``python -m llm.prepare *argv`` as a user runs it; then, that it left no Ray connection or instance behind,
+    nor Ray's SIGTERM handler (which would exit a training run on SIGTERM instead of saving it). ``no_ray``: as if
+    Ray were not installed."""
+    mine = "import signal\ndef mine(*_): pass\nsignal.signal(signal.SIGTERM, mine)"  # as a training run's handler
+    before = "sys.modules['ray'] = None" if no_ray else mine
+    after = (
+        ""
+        if no_ray
+        else (
+            "import ray\nassert not ray.is_initialized(), 'Ray left running'\n"
+            "assert signal.getsignal(signal.SIGTERM) is mine, 'Ray SIGTERM handler left behind'"
+        )
+    )
     script = f"import sys\n{before}\nfrom llm.prepare import main\nrc = main(sys.argv[1:])\n{after}\nsys.exit(rc)\n"
     cmd = [sys.executable, "-c", script, *argv]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
