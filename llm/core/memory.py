@@ -80,6 +80,7 @@ class Precision:
     grad: int
     moment: int
     compute: int
+    bfloat16: bool = False  # the 16-bit dtype is bf16 (on the CPU, attention then computes in float32)
 
     @property
     def mixed(self) -> bool:  # autocast: float32 weights, 16-bit matmuls
@@ -89,9 +90,9 @@ class Precision:
 PRECISIONS = {
     "64-true": Precision(8, 8, 8, 8),
     "32-true": Precision(4, 4, 4, 4),
-    "bf16-mixed": Precision(4, 4, 4, 2),
+    "bf16-mixed": Precision(4, 4, 4, 2, bfloat16=True),
     "16-mixed": Precision(4, 4, 4, 2),
-    "bf16-true": Precision(2, 2, 2, 2),
+    "bf16-true": Precision(2, 2, 2, 2, bfloat16=True),
     "16-true": Precision(2, 2, 2, 2),
 }
 _ALIASES = {"64": "64-true", "32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
@@ -114,7 +115,9 @@ def block_activation_bytes(cfg: ModelConfig, precision: Precision, device: str =
     - the matmul inputs: each norm's output, once per norm, or once per matmul under autocast, which casts the
       input separately for wq, wk and wv (3) and for w1 and w3 (2);
     - attention: q and k after rotary, v, and the output of SDPA (whose (B, T, H*D) view is wo's input), plus
-      the float32 log-sum-exp per head; the rotary multiplications keep nothing per token;
+      the float32 log-sum-exp per head; the rotary multiplications keep nothing per token. On the CPU under bf16
+      autocast or bf16 weights, SDPA computes in float32 (llm/core/model.py attention_dtype): q, k, v and its
+      output are kept in float32, and wo keeps its own bf16 input;
     - SwiGLU: w1 out, w3 out, silu(w1 out) and their product (w2's input);
     - with qk_norm, the per-head norms of q and k: their input (e bytes) and the float32 normalised x (the upcast
       itself when e = 4 is the input), plus one float32 rsqrt per head of q and of k;
@@ -132,6 +135,8 @@ def block_activation_bytes(cfg: ModelConfig, precision: Precision, device: str =
         norms = 2 * (2 * C * precision.param)
         matmul_inputs = 2 * C * e
     attention = (2 * C + 2 * KV) * e + 4 * cfg.n_heads  # q, out; k, v; log-sum-exp
+    if device == "cpu" and precision.bfloat16:
+        attention += (2 * C + 2 * KV) * 2 + C * e  # the same four in float32, and wo's bf16 input
     feed_forward = 4 * F * e
     qk_norm = (C + KV) * (e + 4) + 4 * (cfg.n_heads + cfg.n_kv_heads) if cfg.qk_norm else 0
     attention += qk_norm
@@ -139,13 +144,19 @@ def block_activation_bytes(cfg: ModelConfig, precision: Precision, device: str =
     return norms + matmul_inputs + attention + feed_forward + dropout + 2 * 4  # + two float32 rsqrt per norm
 
 
-def head_activation_bytes(cfg: ModelConfig, precision: Precision) -> int:
+def loss_bytes(cfg: ModelConfig, compute: int, device: str) -> int:
+    """Bytes per token of the loss at its peak (start of backward), llm/training/cross_entropy.py: on a GPU the
+    float32 log-probs (kept by log_softmax), their gradient and the logits' gradient; on the CPU the logits, which
+    the chunked loss keeps, and their gradient, both in the compute dtype."""
+    return 2 * compute * cfg.vocab_size if device == "cpu" else 3 * 4 * cfg.vocab_size
+
+
+def head_activation_bytes(cfg: ModelConfig, precision: Precision, device: str = "cuda") -> int:
     """Bytes per token of the final norm, the output head's input and the loss at its peak (start of backward)."""
     C, e = cfg.dim, precision.compute
     norm = 2 * C * (4 if precision.mixed or precision.param == 2 else precision.param)
     head_input = C * e
-    loss = 3 * 4 * cfg.vocab_size  # float32 log-probs (kept by log_softmax), their gradient, the logits' gradient
-    return norm + head_input + loss
+    return norm + head_input + loss_bytes(cfg, e, device)
 
 
 def muon_params(cfg: ModelConfig) -> int:
@@ -191,6 +202,7 @@ def adapter_block_activation_bytes(
     """
     C, HD, KV, F, e = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim, precision.compute
     targets = set(adapter.targets)
+    sdpa_float32 = device == "cpu" and precision.bfloat16  # see block_activation_bytes; wo's input then apart
 
     def out_bytes(target: str, b_in: int) -> int:
         return b_in if adapter.quantize and target in targets else e
@@ -209,12 +221,14 @@ def adapter_block_activation_bytes(
     norms = 2 * (C * max(4, stream) + 4)
     inputs = (
         adapter_inputs(("wq", "wk", "wv"), C, stream)
-        + adapter_inputs(("wo",), HD, e, kept=True)
+        + adapter_inputs(("wo",), HD, e, kept=not sdpa_float32)
         + adapter_inputs(("w1", "w3"), C, stream)
         + adapter_inputs(("w2",), F, product)
     )
     lora_hidden = len(targets) * adapter.rank * e
     attention = (2 * HD + 2 * KV) * e + 4 * cfg.n_heads
+    if sdpa_float32:
+        attention += (2 * HD + 2 * KV) * 2
     if cfg.qk_norm:
         attention += (HD + KV) * 4 + 4 * (cfg.n_heads + cfg.n_kv_heads)
     feed_forward = F * (2 * b1 + b3)
@@ -222,9 +236,9 @@ def adapter_block_activation_bytes(
     return norms + inputs + lora_hidden + attention + feed_forward + dropout
 
 
-def adapter_head_activation_bytes(cfg: ModelConfig, stream: int) -> int:
+def adapter_head_activation_bytes(cfg: ModelConfig, stream: int, compute: int, device: str = "cuda") -> int:
     """Per token: the final norm (frozen gain: its input and rsqrt), nothing for the frozen head, and the loss."""
-    return cfg.dim * max(4, stream) + 4 + 3 * 4 * cfg.vocab_size
+    return cfg.dim * max(4, stream) + 4 + loss_bytes(cfg, compute, device)
 
 
 @dataclass
@@ -291,10 +305,13 @@ class Plan:
         self.optimizer = math.ceil((2 * trainable - muon) * prec.moment / shard)  # Muon keeps one buffer, not two
 
         if a is None:
-            block, head = block_activation_bytes(m, prec, self.accelerator), head_activation_bytes(m, prec)
+            block, head = (
+                block_activation_bytes(m, prec, self.accelerator),
+                head_activation_bytes(m, prec, self.accelerator),
+            )
         else:
             block = adapter_block_activation_bytes(m, a, prec, stream, self.accelerator)
-            head = adapter_head_activation_bytes(m, stream)
+            head = adapter_head_activation_bytes(m, stream, prec.compute, self.accelerator)
         if self.activation_checkpointing:  # each block's input, and one block's activations while it is recomputed
             per_token = m.n_layers * m.dim * stream + block
         else:

@@ -13,6 +13,7 @@ Training, parallelism and compilation are applied from outside (see llm/training
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -155,6 +156,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
+def attention_dtype(device_type: str, dtype: torch.dtype, cached: bool) -> torch.dtype:
+    """The dtype SDPA computes in for q, k, v of `dtype`: float32 instead of bf16 on the CPU, except with a cache.
+
+    PyTorch's CPU flash attention runs its backward much faster in float32 than in bf16 (a layer of the default
+    model, 16 x 256 tokens, 8 heads of 32: python bench/cpu_kernels.py), more than the casts cost, and float32 is
+    the more exact of the two. Decoding with a cache keeps bf16: it would cast the whole cache at every token.
+    """
+    return torch.float32 if device_type == "cpu" and dtype == torch.bfloat16 and not cached else dtype
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (K key/value heads shared by H/K query heads each)."""
 
@@ -225,15 +236,20 @@ class Attention(nn.Module):
         if masks.BlockMask is not None and isinstance(mask, masks.BlockMask):  # only without dropout (flex has none)
             y = masks.compiled_flex_attention()(q, k, v, block_mask=mask, **gqa)  # (B, H, T, D)
         else:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=mask is None and T > 1,
-                **gqa,
-            )  # (B, H, T, D)
+            dtype, exact = q.dtype, contextlib.nullcontext()
+            if attention_dtype(q.device.type, dtype, cached=cache is not None) != dtype:
+                # CPU autocast lists SDPA among its bf16 ops: paused, or it would cast the inputs back to bf16
+                q, k, v, exact = q.float(), k.float(), v.float(), torch.autocast("cpu", enabled=False)
+            with exact:
+                y = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    dropout_p=self.dropout if self.training else 0.0,
+                    is_causal=mask is None and T > 1,
+                    **gqa,
+                ).to(dtype)  # (B, H, T, D)
         y = self.wo(y.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))  # (B*T, C)
         if self.dropout and self.training:
             y = self.resid_dropout(y)
@@ -421,7 +437,8 @@ class Transformer(nn.Module):
             allowed = masks.attention_mask(mask, start, T, tokens.device)  # (B or 1, 1, T, S) bool
         if allowed is not None:
             # additive, built once for all layers (SDPA would convert a bool mask in each layer)
-            attn_mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill_(
+            mask_dtype = attention_dtype(device_type, dtype, cached=kv_cache is not None)
+            attn_mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=tokens.device).masked_fill_(
                 allowed.logical_not(), float("-inf")
             )
 

@@ -43,10 +43,10 @@ from llm.core.config import ModelConfig
 from llm.core.model import Transformer
 from llm.errors import UserError
 from llm.training import adapters, parallelize
+from llm.training.cross_entropy import IGNORE_INDEX, cross_entropy_and_z
 from llm.training.optim import fused_default, loss_scaled, param_groups, splits_matrices
 from llm.training.plots import log_confusion
 
-IGNORE_INDEX = -100
 CHECKPOINT_EXTRAS = ("special_tokens", "hf_tokenizer_config")  # a converted checkpoint's, carried along
 
 
@@ -178,23 +178,6 @@ class TransformerModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-def cross_entropy_and_z(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy and PaLM's z-loss term, both means over the labelled positions, from one log-sum-exp.
-
-    The z-loss term is the mean of log(Z)^2, Z the softmax's normaliser. Cross-entropy is unchanged when every
-    logit of a position shifts by the same amount, so nothing stops the logits drifting up together until bf16
-    rounds them badly (or a softmax overflows); the term pulls log(Z) towards 0 (PaLM weights it 1e-4). Computing
-    cross-entropy as log(Z) - logit[label] shares the (N, V) log-sum-exp, which costs as much as cross-entropy
-    itself: a separate one made a step of the tiny model about 20% slower. logits (B, T, V), labels (B, T).
-    """
-    flat, target = logits.flatten(0, 1).float(), labels.flatten()  # (N, V), (N,)
-    keep = target != IGNORE_INDEX
-    log_z = torch.logsumexp(flat, dim=-1)  # (N,)
-    picked = flat.gather(1, target.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,) the label's logit
-    n = keep.sum().clamp(min=1)  # nothing labelled: 0, not NaN
-    return ((log_z - picked) * keep).sum() / n, (log_z.square() * keep).sum() / n
-
-
 class CausalLM(TransformerModule):
     """Next-token prediction with cross-entropy that ignores ``IGNORE_INDEX`` labels (padding, prompts).
 
@@ -233,8 +216,8 @@ class CausalLM(TransformerModule):
         return self.model(input_ids, input_pos=positions, segments=segments)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # logits (B, T, V), labels (B, T); mean over the tokens that count
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        # logits (B, T, V), labels (B, T); mean over the tokens that count (llm/training/cross_entropy.py)
+        return cross_entropy_and_z(logits, labels)[0]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch.get("positions"), batch.get("segments"))

@@ -13,7 +13,7 @@ from llm.core import lora
 from llm.core.config import ModelConfig
 from llm.core.model import Transformer
 from llm.errors import UserError
-from llm.training.module import IGNORE_INDEX, cross_entropy_and_z
+from llm.training.cross_entropy import IGNORE_INDEX, cross_entropy_and_z
 from llm.training.muon import MUON_KEY, MuonAdamW
 from llm.training.optim import param_groups, splits_matrices
 
