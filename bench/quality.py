@@ -151,7 +151,7 @@ def write_data(where: Path) -> tuple[Path, Path]:
     return train, held_out
 
 
-def train_run(run_dir: Path, overrides: list[str], threads: int | None) -> dict[str, Any]:
+def train_run(run_dir: Path, overrides: list[str], threads: int | None, root: Path = ROOT) -> dict[str, Any]:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -162,34 +162,48 @@ def train_run(run_dir: Path, overrides: list[str], threads: int | None) -> dict[
         f"hydra.run.dir={run_dir}",
         "+callbacks.clock._target_=bench.quality.TrainClock",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    env["PYTHONPATH"] = str(root)  # its own packages first: a baseline checkout runs its own code
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return json.loads((run_dir / "clock.json").read_text())
 
 
-def final_scalar(run_dir: Path, tag: str) -> float | None:
+def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     if tag not in acc.Tags()["scalars"]:
-        return None
-    return acc.Scalars(tag)[-1].value
+        return []
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def run_variant(name: str, overrides: list[str], args, data: list[str], tmp: Path) -> dict[str, Any]:
+def final_scalar(run_dir: Path, tag: str) -> float | None:
+    series = scalar_series(run_dir, tag)
+    return series[-1][1] if series else None
+
+
+def run_variant(name: str, overrides: list[str], args, data: list[str], tmp: Path, root: Path = ROOT) -> dict[str, Any]:
     # calibration: a few steps of the variant, nothing validated, for its seconds per step
     quiet = ["callbacks.samples=null", "callbacks.progress_bar=null"]
     probe = [*overrides, *data, *quiet, f"trainer.max_steps={args.calibration_steps}", "trainer.limit_val_batches=0"]
-    clock = train_run(tmp / f"{name}-calibration", probe, args.threads)
+    clock = train_run(tmp / f"{name}-calibration", probe, args.threads, root)
     warm = clock["step_seconds"][len(clock["step_seconds"]) // 3 :] or clock["step_seconds"]  # past the warm-up
     per_step = sorted(warm)[len(warm) // 2]  # the median: a busy moment does not set the number of steps
     steps = max(10, int(args.budget / per_step))
-    real = [*overrides, *data, *quiet, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+    if args.val_every:  # a whole number of intervals: Lightning validates only at their ends, so the last step too
+        steps = max(args.val_every, round(steps / args.val_every) * args.val_every)
+    every = args.val_every or steps
+    real = [*overrides, *data, *quiet, f"trainer.max_steps={steps}", f"trainer.val_check_interval={every}",
             f"trainer.limit_val_batches={args.val_batches if args.val_batches else 'null'}"]  # fmt: skip
     run_dir = tmp / name
-    clock = train_run(run_dir, real, args.threads)
+    clock = train_run(run_dir, real, args.threads, root)
+    curve = [
+        (int(step), clock["step_ends"][int(step) - 1], bpb)
+        for step, bpb in scalar_series(run_dir, "val/bpb")
+        if 0 < step <= len(clock["step_ends"])
+    ]
     return {
         "variant": name,
         "steps": clock["steps"],
@@ -198,6 +212,7 @@ def run_variant(name: str, overrides: list[str], args, data: list[str], tmp: Pat
         "seconds_per_step": clock["train_seconds"] / max(1, clock["steps"]),
         "bpb": final_scalar(run_dir, "val/bpb"),
         "val_loss": final_scalar(run_dir, "val/loss"),
+        "curve": curve,  # (step, training seconds, bpb) at each validation
         "overrides": overrides,
     }
 
@@ -216,16 +231,37 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="evaluate only this many batches of the held-out novel (default: all of it)",
     )
+    parser.add_argument("--val-every", type=int, default=None, help="also validate every this many steps (a curve)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="also run `today` with that checkout's train.py (a git worktree of an older commit), as `baseline`",
+    )
+    parser.add_argument(
+        "--custom",
+        nargs="*",
+        default=[],
+        metavar="NAME=BASE:KEY=VALUE,...",
+        help="extra variants: a catalogue variant with more overrides",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--list", action="store_true", help="print the variants and their overrides")
     args = parser.parse_args(argv)
     combined = VARIANTS["combined"] or []
     catalogue = {**VARIANTS, **{name: [*combined, *extra] for name, extra in SWEEP.items()}}
+    for spec in args.custom:
+        name, _, rest = spec.partition("=")
+        base, _, extra = rest.partition(":")
+        if not name or base not in catalogue:
+            raise SystemExit(f"error: --custom {spec!r}: expected NAME=BASE:KEY=VALUE,... with BASE from --list")
+        catalogue[name] = [*(catalogue[base] or []), *(o for o in extra.split(",") if o)]
     if args.list:
         for name, overrides in catalogue.items():
             print(f"{name}: {' '.join(overrides) if overrides is not None else '(no overrides)'}")
         return 0
-    names = [*args.variants, *(SWEEP if args.sweep else [])]
+    names = [*args.variants, *(SWEEP if args.sweep else []), *(c.partition("=")[0] for c in args.custom)]
     unknown = [n for n in names if n not in catalogue]
     if unknown:
         raise SystemExit(f"error: unknown variant(s) {unknown}: see --list")
@@ -240,16 +276,25 @@ def main(argv: list[str] | None = None) -> int:
         # the corpus prepared once, before anything is timed: a first calibration that prepared it ran slow
         quiet = ["callbacks.samples=null", "callbacks.progress_bar=null", "trainer.limit_val_batches=0"]
         train_run(tmp / "prepare", [*data, *quiet, "trainer.max_steps=2"], args.threads)
+        if args.baseline is not None:
+            names = ["baseline", *names]
         for name in names:
-            row = run_variant(name, list(catalogue[name] or []), args, data, tmp)
+            if name == "baseline":
+                row = run_variant(name, TODAY, args, data, tmp, root=args.baseline.resolve())
+            else:
+                row = run_variant(name, list(catalogue[name] or []), args, data, tmp)
             rows.append(row)
             print(f"  {name}: {row['steps']} steps, {row['train_seconds']:.0f} s, bpb {row['bpb']:.4f}", flush=True)
-    base = next((r["bpb"] for r in rows if r["variant"] == "today"), None)
-    print(f"\n{'variant':<22} | {'steps':>5} | {'tokens':>9} | {'train s':>7} | {'s/step':>6} | {'bpb':>6} | vs today")
+    base = next((r["bpb"] for r in rows if r["variant"] == ("baseline" if args.baseline else "today")), None)
+    print(f"\n{'variant':<22} | {'steps':>5} | {'tokens':>9} | {'train s':>7} | {'s/step':>6} | {'bpb':>6} | vs base")
     for r in rows:
         delta = f"{r['bpb'] - base:+.3f}" if base is not None else ""
         print(f"{r['variant']:<22} | {r['steps']:>5} | {r['tokens']:>9} | {r['train_seconds']:>7.0f} |"
               f" {r['seconds_per_step']:>6.3f} | {r['bpb']:>6.3f} | {delta}")  # fmt: skip
+    for r in rows:
+        if len(r["curve"]) > 1:
+            points = ", ".join(f"{step}: {sec:.0f} s {bpb:.3f}" for step, sec, bpb in r["curve"])
+            print(f"  {r['variant']} (step: training s, bpb): {points}")
     if args.out:
         args.out.write_text(json.dumps({"budget": args.budget, "rows": rows}, indent=1))
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from llm.core import model as model_lib
 from llm.core.config import ModelConfig
 from llm.core.model import KVCache, Transformer
 from tests.conftest import debug_model
@@ -293,3 +295,31 @@ def test_qk_norm_compiles_into_one_graph_with_the_same_outputs_and_gradients():
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert compiled.layers[0].attention.q_norm.weight.grad.abs().sum() > 0
+
+
+def test_cpu_bf16_attention_computes_in_float32_but_decoding_keeps_bf16(monkeypatch):
+    """Under CPU bf16 autocast SDPA gets float32 q, k, v (autocast paused), except with a KV cache; packed
+    sequences' mask follows; the output returns in bf16 either way."""
+    assert model_lib.attention_dtype("cpu", torch.bfloat16, cached=False) == torch.float32
+    assert model_lib.attention_dtype("cpu", torch.bfloat16, cached=True) == torch.bfloat16
+    assert model_lib.attention_dtype("cuda", torch.bfloat16, cached=False) == torch.bfloat16
+    assert model_lib.attention_dtype("cpu", torch.float32, cached=False) == torch.float32
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q.dtype, None if attn_mask is None else attn_mask.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", spy)
+    m = build(n_layers=1)
+    tokens = torch.randint(0, m.cfg.vocab_size, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(tokens)
+        m(tokens, segments=torch.tensor([[0] * 4 + [1] * 4] * 2))
+        cache = KVCache(m.cfg, batch_size=2, max_len=9, dtype=torch.bfloat16)
+        m(tokens, kv_cache=cache)
+    assert seen == [(torch.float32, None), (torch.float32, torch.float32), (torch.bfloat16, None)]
+    assert out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same values as float32 SDPA on bf16 inputs
+        torch.testing.assert_close(out.float(), m(tokens).float())
