@@ -120,7 +120,11 @@ def job_scope() -> Iterator[None]:
     the middle of job 1. So at the end of a job its observers are disarmed and its children are reaped (a
     failed one fails this job, not the next), then the process group is destroyed (after the children: they
     never see their peer go away while they still run) and the environment is restored exactly.
-    Only the launching parent is cleaned (a child's environment was given to it).
+    Only the launching parent is cleaned (a child's environment was given to it). A process that did not launch
+    the job (Lightning's child, or one started by torchrun/SLURM) destroys its process group when its job
+    succeeds: left to the interpreter's exit, Gloo's worker threads are torn down with the interpreter and now
+    and then abort the process (SIGABRT, "terminate called without an active exception") after a good run. On
+    failure it is left alone, since a peer may still be inside a collective with it (torchtitan does the same).
     """
     before = dict(os.environ)
     launched_here = "LOCAL_RANK" not in before
@@ -145,6 +149,8 @@ def job_scope() -> Iterator[None]:
             bad = {proc.pid: code for proc, code in zip(children, codes) if code != 0}
             if bad and not failed:
                 raise RuntimeError(f"a process of this job ended badly (pid: exit code): {bad}")
+        elif not failed:
+            _destroy_process_group()
 
 
 def _child_observers() -> list:
